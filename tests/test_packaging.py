@@ -1,0 +1,47 @@
+"""Import names: nothing of ours may shadow Hugging Face's `kernels` distribution (or a bare `cli`)."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = ("import transformers.utils as u; from transformers import LlamaConfig, AutoModelForCausalLM; "
+         "assert u.is_kernels_available() is False, 'kernels probed as available'; print('ok')")
+
+
+def _run(cwd, extra_path=""):
+    env = {**os.environ, "PYTHONPATH": extra_path}
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_transformers_unaffected_when_installed(tmp_path):
+    _run(tmp_path)
+
+
+def test_transformers_unaffected_with_repo_root_on_sys_path():
+    _run(ROOT, str(ROOT))  # like `python -m pytest` from the checkout
+
+
+def test_installed_names_live_under_steer(tmp_path):
+    code = ("import importlib.util as u; import steer.kernels, steer.vectors, steer.cli; "
+            "assert u.find_spec('cli') is None or 'steer' not in (u.find_spec('cli').origin or ''); "
+            "assert u.find_spec('kernels') is None; assert u.find_spec('vectors') is None; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr
+
+
+def test_kernels_imports_nothing_of_ours_and_has_no_version():
+    for path in (ROOT / "kernels").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                assert not node.module.startswith(("steer", "vectors", "cli")), (path, node.module)
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith(("steer", "vectors", "cli")) for a in node.names), path
+            if isinstance(node, ast.Assign):
+                assert not any(getattr(t, "id", None) == "__version__" for t in node.targets), path

@@ -1,0 +1,223 @@
+"""Hook semantics on a tiny Llama: token scope under the KV cache and left padding, per-request α,
+the conditional gate, the input site, and hooks that always come off."""
+
+import pytest
+import torch
+
+from capture import around
+from steer import Condition, SteeredModel, SteeringVector
+from steer.errors import AlphaError, ConfigError, LayerError
+from steer.kernels import use
+from tiny_models import D, V, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def reference_kernel():
+    previous = use("reference")
+    yield
+    use(previous)
+
+
+@pytest.fixture
+def sm():
+    return SteeredModel(tiny_model("llama"), tiny_tokenizer())
+
+
+@pytest.fixture
+def vec():
+    torch.manual_seed(3)
+    return SteeringVector({i: torch.randn(D) * 4 for i in range(4)})
+
+
+def _gen(sm, ids, attn, n=4):
+    with torch.no_grad():
+        return sm.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, do_sample=False,
+                                 pad_token_id=0)
+
+
+def _left_padded():
+    ids = torch.tensor([[0, 0, 7, 8, 9], [10, 11, 12, 13, 14]])
+    return ids, (ids != 0).long()
+
+
+@pytest.mark.parametrize("scope", ["all", "prompt", "generated"])
+def test_scope_under_kv_cache_and_left_padding(sm, vec, scope):
+    ids, attn = _left_padded()
+    with around(sm.layers[2], lambda: sm.steer(vec, alpha=1.5, layers=[2], scope=scope)) as (pre, post, _):
+        _gen(sm, ids, attn)
+    assert [p.shape[1] for p in pre] == [5, 1, 1, 1]
+    for step, (a, b) in enumerate(zip(pre, post)):
+        steered = scope == "all" or (scope == "prompt") == (step == 0)
+        assert torch.equal(b, a + 1.5 * vec.directions[2] if steered else a), (scope, step)
+
+
+def test_prompt_length_splits_a_chunk(sm, vec):
+    """An explicit prompt length shorter than the chunk steers only the positions past it (generated)."""
+    ids, attn = _left_padded()
+    with around(sm.layers[1], lambda: sm.steer(vec, alpha=2.0, layers=[1], scope="generated")) as (pre, post, h):
+        h.prompt_length = 3
+        with torch.no_grad():
+            sm.model(ids, attention_mask=attn)
+    a, b = pre[0], post[0]
+    assert torch.equal(b[:, :3], a[:, :3])
+    assert torch.equal(b[:, 3:], a[:, 3:] + 2.0 * vec.directions[1])
+
+
+def test_mixed_alpha_rows_match_uniform_batches_and_solo_runs(sm, vec):
+    prompts = ["w7 w8 w9", "w10 w11 w12 w13 w14", "w20 w21", "w30 w31 w32 w33"]
+    alphas = [0.0, 1.0, 2.5, -1.0]
+    mixed = sm.generate(prompts, vector=vec, alphas=alphas, layers=[1, 2], max_new_tokens=6)
+    for i, a in enumerate(alphas):
+        uniform = sm.generate(prompts, vector=vec, alphas=a, layers=[1, 2], max_new_tokens=6)
+        assert uniform[i] == mixed[i]
+        solo = sm.generate([prompts[i]], vector=vec, alphas=a, layers=[1, 2], max_new_tokens=6)
+        assert solo[0] == mixed[i]
+    assert mixed[0] == sm.generate([prompts[0]], max_new_tokens=6)[0]  # α = 0 is exactly unsteered
+    # logits: a mixed-α batch row equals the same row of a uniform-α batch (fp32, 1e-5)
+    texts = sm.format(prompts)
+    enc = sm._encode(texts, chat_applied=True)
+    with sm.steer(vec, layers=[1, 2]) as h:
+        h.set_alphas(alphas)
+        with torch.no_grad():
+            mixed_logits = sm.model(**enc).logits
+        for i, a in enumerate(alphas):
+            h.set_alphas([a] * len(prompts))
+            with torch.no_grad():
+                uni = sm.model(**enc).logits
+            torch.testing.assert_close(mixed_logits[i], uni[i], atol=1e-5, rtol=0)
+
+
+def test_zero_alpha_row_is_bit_exact(sm, vec):
+    ids, attn = _left_padded()
+    with torch.no_grad():
+        base = sm.model(ids, attention_mask=attn).logits
+    with sm.steer(vec, layers=[0, 1, 2, 3]) as h:
+        h.set_alphas([0.0, 3.0])
+        with torch.no_grad():
+            out = sm.model(ids, attention_mask=attn).logits
+    assert torch.equal(out[0], base[0]) and not torch.allclose(out[1], base[1])
+
+
+def test_conditional_gate_per_row_held_for_generated_tokens(sm, vec):
+    ids, attn = _left_padded()
+    cdir = torch.randn(D)
+    with torch.no_grad():
+        hs = sm.model(ids, attention_mask=attn, output_hidden_states=True).hidden_states[1 + 1]
+    scores = hs[:, -1] @ (cdir / cdir.norm())
+    threshold = float(scores.mean())  # one row above, one below
+    cond = Condition(layer=1, direction=cdir, threshold=threshold)
+    with around(sm.layers[2], lambda: sm.steer(vec, alpha=2.0, layers=[2], condition=cond)) as (pre, post, h):
+        _gen(sm, ids, attn)
+        gate = h.last_gate.clone()
+    assert gate.tolist() == (scores > threshold).tolist() and gate.any() and not gate.all()
+    assert len(pre) == 4
+    for a, b in zip(pre, post):  # decided at prefill, held for every decode step
+        for row in range(2):
+            want = a[row] + 2.0 * vec.directions[2] if gate[row] else a[row]
+            assert torch.equal(b[row], want)
+
+
+def test_conditional_from_vector_file_and_ordering_error(sm, vec, tmp_path):
+    cond_vec = SteeringVector(dict(vec.directions), {"condition": {"layer": 3, "threshold": 0.0},
+                                                      "recommended": {"layers": [1], "mode": "conditional"}},
+                              condition_direction=torch.randn(D))
+    with pytest.raises(ConfigError, match="condition is read after"):
+        sm.steer(cond_vec)
+    assert not sm.model._forward_pre_hooks and not sm.layers[1]._forward_hooks
+    ok = sm.steer(cond_vec, scope="generated")
+    assert ok.condition.layer == 3
+    ok.remove()
+    with pytest.raises(ConfigError, match="needs a condition"):
+        sm.steer(vec, mode="conditional")
+
+
+def test_input_site_equals_previous_output_site(sm, vec):
+    ids, attn = _left_padded()
+    v1 = SteeringVector({2: vec.directions[2]})
+    with sm.steer(v1, alpha=1.0, layers=[2], site="input"):
+        with torch.no_grad():
+            a = sm.model(ids, attention_mask=attn).logits
+    with sm.steer(v1, alpha=1.0, layers=[1], source_layer=2):
+        with torch.no_grad():
+            b = sm.model(ids, attention_mask=attn).logits
+    assert torch.equal(a, b)
+
+
+def test_num_return_sequences_repeats_row_alphas(sm, vec):
+    ids, attn = _left_padded()
+    with sm.steer(vec, layers=[1]) as h:
+        h.set_alphas([0.0, 2.0])
+        with torch.no_grad():
+            out = sm.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=3, do_sample=False,
+                                    num_beams=2, num_return_sequences=2, pad_token_id=0)
+    with torch.no_grad():
+        plain = sm.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=3, do_sample=False,
+                                  num_beams=2, num_return_sequences=2, pad_token_id=0)
+    assert torch.equal(out[:2], plain[:2])  # row 0 (α = 0) and its beams: unsteered
+    assert not torch.equal(out[2:], plain[2:])
+
+
+def test_hooks_come_off_after_exceptions(sm, vec):
+    with pytest.raises(RuntimeError, match="boom"):
+        with sm.steer(vec, layers=[1, 2]):
+            raise RuntimeError("boom")
+    assert not sm.model._forward_pre_hooks and not any(b._forward_hooks for b in sm.layers)
+    with pytest.raises(AlphaError):
+        with sm.steer(vec, layers=[1]) as h:
+            h.set_alphas([1.0, 2.0, 3.0])
+            with torch.no_grad():
+                sm.model(torch.randint(3, V, (2, 4)))
+    assert not sm.model._forward_pre_hooks and not any(b._forward_hooks for b in sm.layers)
+    with pytest.raises(AlphaError):
+        sm.generate(["w5"], vector=vec, alphas=[float("nan")])
+    assert not sm.model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "x"])
+def test_bad_alpha_rejected_before_attaching(sm, vec, bad):
+    with pytest.raises(AlphaError):
+        sm.steer(vec, alpha=bad)
+    assert not sm.model._forward_pre_hooks
+
+
+def test_unknown_layer_rejected(sm, vec):
+    with pytest.raises(LayerError, match="unknown layer 7"):
+        sm.steer(vec, layers=[7])
+    with pytest.raises(LayerError, match="no direction for layer 2"):
+        sm.steer(SteeringVector({0: vec.directions[0], 1: vec.directions[1]}), layers=[2])
+    assert not sm.model._forward_pre_hooks
+
+
+def test_grad_mode_does_not_modify_in_place(sm, vec):
+    ids = torch.randint(3, V, (1, 4))
+    with sm.steer(vec, alpha=1.0, layers=[1]):
+        logits = sm.model(ids).logits
+    logits.sum().backward()  # autograd works through the (out-of-place) steered activations
+    assert sm.model.model.embed_tokens.weight.grad is not None
+
+
+def test_multiple_directions_ablate_removes_the_subspace(sm):
+    dirs = torch.randn(3, D)
+    vec = SteeringVector({1: dirs})
+    ids = torch.randint(3, V, (2, 5))
+    with around(sm.layers[1], lambda: sm.steer(vec, alpha=1.0, layers=[1], mode="ablate")) as (pre, post, _):
+        with torch.no_grad():
+            sm.model(ids)
+    assert (post[0] @ dirs.T).abs().max() < 1e-4
+    q = torch.linalg.qr(dirs.T).Q
+    torch.testing.assert_close(post[0], pre[0] - (pre[0] @ q) @ q.T, atol=1e-5, rtol=0)
+
+
+def test_accelerate_device_map(tmp_path):
+    pytest.importorskip("accelerate")
+    from tiny_models import save_tiny
+
+    save_tiny(tmp_path / "m")
+    dm = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
+          "lm_head": "cpu"}
+    sm = SteeredModel.from_pretrained(tmp_path / "m", device_map=dm)
+    vec = SteeringVector({1: torch.randn(D)})
+    plain = SteeredModel.from_pretrained(tmp_path / "m")
+    a = sm.generate(["w7 w8"], vector=vec, alphas=2.0, layers=[1], max_new_tokens=4)
+    b = plain.generate(["w7 w8"], vector=vec, alphas=2.0, layers=[1], max_new_tokens=4)
+    assert a == b
