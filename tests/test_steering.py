@@ -221,3 +221,21 @@ def test_accelerate_device_map(tmp_path):
     a = sm.generate(["w7 w8"], vector=vec, alphas=2.0, layers=[1], max_new_tokens=4)
     b = plain.generate(["w7 w8"], vector=vec, alphas=2.0, layers=[1], max_new_tokens=4)
     assert a == b
+
+
+def test_collect_activations_match_hidden_states(sm):
+    from steer.activations import collect, post_instruction_length
+
+    prompts = ["w7 w8 w9", "w10 w11 w12 w13 w14"]
+    acts = collect(sm, prompts, layers=[0, 2], positions="last")
+    assert acts.shape == (2, 2, D)
+    enc = sm._encode(sm.format(prompts), chat_applied=True)
+    with torch.no_grad():
+        hs = sm.model(**enc, output_hidden_states=True).hidden_states
+    assert torch.equal(acts[:, 0], hs[1][:, -1]) and torch.equal(acts[:, 1], hs[3][:, -1])
+    mean = collect(sm, prompts, layers=[1], positions="mean")
+    m = enc["attention_mask"][..., None].float()
+    torch.testing.assert_close(mean[:, 0], (hs[2] * m).sum(1) / m.sum(1), atol=1e-6, rtol=0)
+    k = post_instruction_length(sm.tokenizer)
+    assert k == 2  # the tiny template puts 'w5 w6' after the user text
+    assert collect(sm, prompts, layers=[1], positions=3).shape == (2, 1, 3, D)
