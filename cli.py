@@ -134,6 +134,117 @@ def info(
     Console().print(table)
 
 
+def _layer_sets(text: Optional[str], num_layers: int):
+    """'2,3' → [[2], [3]] (a sweep); '1+2,3' → [[1, 2], [3]]; 'all' → every layer on its own."""
+    from steer.config import parse_layers
+
+    if text is None:
+        return None
+    if text.strip() == "all":
+        return [[i] for i in range(num_layers)]
+    return [parse_layers(group.replace("+", ","), num_layers) for group in text.split(",") if group.strip()] \
+        if "+" in text else [[i] for i in parse_layers(text, num_layers)]
+
+
+def print_eval(report: dict, title: str = "") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    configs = report["configs"]
+    keys = list(dict.fromkeys(k for c in configs for k in c["metrics"]))
+    table = Table(title=title or None)
+    table.add_column("layers")
+    table.add_column("α", justify="right")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for c in configs:
+        cells = []
+        for k in keys:
+            m = c["metrics"].get(k)
+            cells.append("-" if m is None else str(m))
+        table.add_row(",".join(map(str, c["layers"] or [])) or "-", "-" if c["alpha"] is None else f"{c['alpha']:g}",
+                      *cells)
+    Console().print(table)
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model: str = typer.Argument(..., help="Local HF model folder, cached hub id, or builtin:NAME."),
+    vector: Optional[Path] = typer.Option(None, "--vector", "-v", help="A steer vector file."),
+    alphas: Optional[str] = typer.Option(None, "--alphas", help="Comma list of α, one batched generation."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Sweep: 2,3 = each alone; 1+2,3 = groups; all."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="add | ablate | ablate_add | conditional."),
+    scope: Optional[str] = typer.Option(None, "--scope", help="all | prompt | generated."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="builtin (default without prompt files)."),
+    harmful: Optional[Path] = typer.Option(None, "--harmful", help="Harmful prompts (.txt/.jsonl)."),
+    harmless: Optional[Path] = typer.Option(None, "--harmless", help="Harmless prompts (.txt/.jsonl)."),
+    jailbreaks: bool = typer.Option(False, "--jailbreaks", help="Also measure refusal under jailbreak families."),
+    prefill: bool = typer.Option(False, "--prefill", help="Also measure refusal under the prefilling attack."),
+    refusal_marker: List[str] = typer.Option([], "--refusal-marker", help="Extra refusal marker (repeatable)."),
+    replace_markers: bool = typer.Option(False, "--replace-markers", help="Use only the given markers."),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1),
+    no_chat: bool = typer.Option(False, "--no-chat"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the metrics across α."),
+):
+    """Measure refusal, over-refusal, capability, jailbreak/prefill robustness and injection success."""
+    from steer.config import parse_alphas
+    from steer.judge import DEFAULT_MARKERS, RefusalJudge
+    from steer.prompts import load_prompts
+
+    if (harmful is None) != (harmless is None):
+        _fail("--harmful and --harmless go together", "both files", "only one", "pass both, or --suite builtin")
+    if suite not in (None, "builtin"):
+        _fail("unknown suite", "builtin", repr(suite), "use --suite builtin or --harmful/--harmless files")
+    if suite == "builtin" and harmful is not None:
+        _fail("--suite builtin and prompt files both given", "one of them", "both", "drop one")
+    files = harmful is not None
+    hp = load_prompts(harmful) if files else None
+    sp = load_prompts(harmless) if files else None
+    alpha_list = parse_alphas(alphas) if alphas is not None else None
+    judge = RefusalJudge(markers=tuple(refusal_marker) if replace_markers else DEFAULT_MARKERS, extra=() if
+                         replace_markers else tuple(refusal_marker))
+
+    from steer import SteeredModel, SteeringVector
+    from steer.evaluate import evaluate, report_to_json
+
+    vec = SteeringVector.load(vector) if vector is not None else None
+    sm = SteeredModel.from_pretrained(model, device=device)
+    report = evaluate(sm, vector=vec, alphas=alpha_list, layer_sets=_layer_sets(layers, sm.num_layers), mode=mode,
+                      scope=scope, suite="files" if files else "builtin", harmful=hp, harmless=sp,
+                      jailbreaks=jailbreaks, prefill=prefill, judge=judge, max_new_tokens=max_new_tokens,
+                      chat=not no_chat, progress=not as_json)
+    report["model"] = model
+    report["vector"] = str(vector) if vector else None
+    if plot is not None:
+        from steer.plots import plot_eval
+
+        plot_eval(report_to_json(report), plot, title=f"{model} {vector or ''}")
+    if as_json:
+        typer.echo(json.dumps(report_to_json(report)))
+    else:
+        print_eval(report, title=f"{model}" + (f" + {vector}" if vector else ""))
+        if plot is not None:
+            typer.echo(f"plot: {plot}")
+
+
+family_app = typer.Typer(no_args_is_help=True, help="The built-in aligned/unaligned model family.")
+app.add_typer(family_app, name="family")
+
+
+@family_app.command("build")
+@user_errors
+def family_build(force: bool = typer.Option(False, "--force", help="Retrain even if cached.")):
+    """Train (or find cached) the built-in family: base, aligned, aligned-dpo, compromised."""
+    from steer.family import build_family
+
+    paths = build_family(force=force, progress=True)
+    for name, path in paths.items():
+        typer.echo(f"builtin:{name}\t{path}")
+
+
 def main():  # console-script entry point
     app()
 
