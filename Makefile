@@ -28,3 +28,18 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Peer comparison (repeng 0.4, steering-vectors 0.12 need transformers<5 and numpy<2): a separate, clean venv.
+PEER_VENV ?= .venv-peers
+.PHONY: bench-peers bench-quick
+$(PEER_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(PEER_VENV)/bin/python -m pip install -q -e . "transformers==4.57.6" "numpy<2" repeng steering-vectors
+	touch $@
+
+bench-peers: install $(PEER_VENV)/.installed
+	$(PY) benchmarks/run.py --peer-python $(PEER_VENV)/bin/python --json benchmarks/results.json
+
+bench-quick: install
+	$(PY) benchmarks/run.py --quick --only activation,lowrank,switch

@@ -86,7 +86,7 @@ def collect(sm, prompts: list[str], *, layers: list[int] | None = None, position
         chunks = []
         bar = _bar(progress, len(texts))
         for start in range(0, len(texts), batch_size):
-            enc = sm._encode(texts[start:start + batch_size], chat_applied)
+            enc = sm.encode(texts[start:start + batch_size], chat_applied, position_ids=True)
             state["mask"] = enc["attention_mask"]
             sm.model(**enc, use_cache=False)
             chunks.append(torch.stack([captured[i] for i in layers], dim=1))

@@ -105,7 +105,7 @@ def _metrics(items: list[Item], completions: list[str], judge) -> dict:
 @torch.no_grad()
 def _kl(sm, harmless: list[str], vector, layers, mode, scope, alphas: list[float], chat: bool) -> dict[float, Mean]:
     texts = sm.format(harmless, chat=chat)
-    enc = sm._encode(texts, chat and bool(getattr(sm.tokenizer, "chat_template", None)))
+    enc = sm.encode(texts, chat and bool(getattr(sm.tokenizer, "chat_template", None)), position_ids=True)
     base = sm.model(**enc).logits[:, -1]
     out = {}
     with sm.steer(vector, layers=layers, mode=mode, scope=scope) as handle:

@@ -233,6 +233,10 @@ class Steering:
         if not isinstance(x, torch.Tensor):
             return None
         batch, seq = int(x.shape[0]), int(x.shape[1]) if x.dim() > 1 else 1
+        if self.scope == "all" and self.condition is None:
+            # nothing depends on positions: skip the cache-length read (a device sync / graph break)
+            self._fit_rows(batch)
+            return None
         past = _past_length(kwargs)
         self._prefill = past == 0
         if self._prefill:
@@ -265,7 +269,8 @@ class Steering:
     def _steer(self, h: torch.Tensor, layer: int, inplace: bool) -> torch.Tensor:
         if not inplace or (torch.is_grad_enabled() and h.requires_grad):
             h = h.clone()
-        return steer_(h, self._vecs[layer], self._coef_eff[h.device], self.n_ablate, self._mask_on(h.device))
+        return steer_(h, self._vecs[layer], self._coef_eff[h.device], self.n_ablate,
+                      None if self._mask is None else self._mask_on(h.device))
 
     def _decide_gate(self, h: torch.Tensor) -> None:
         cond = self.condition
@@ -282,16 +287,26 @@ class Steering:
             torch.mul(self._coef[dev], gate.to(dev, torch.float32)[:, None], out=self._coef_eff[dev])
 
     def _make_output_hook(self, layer: int, gate: bool):
-        def hook(module, args, output):
-            h = output if isinstance(output, torch.Tensor) else output[0]
-            if gate:
+        if gate:
+            def gate_hook(module, args, output):
                 if self._prefill:
-                    self._decide_gate(h)
+                    self._decide_gate(output if isinstance(output, torch.Tensor) else output[0])
                 return None
+
+            return gate_hook
+        vecs, n_ablate, coef_eff = self._vecs[layer], self.n_ablate, self._coef_eff
+        dev = vecs.device
+
+        def hook(module, args, output):  # hot path: bound locals, no per-call dict lookups but coef's
             if self._skip:
                 return None
-            steered = self._steer(h, layer, inplace=True)
-            return None if steered is h else _replace_hidden(output, steered)
+            h = output if type(output) is torch.Tensor else output[0]
+            if torch.is_grad_enabled() and h.requires_grad:
+                steered = steer_(h.clone(), vecs, coef_eff[dev], n_ablate,
+                                 None if self._mask is None else self._mask_on(dev))
+                return _replace_hidden(output, steered)
+            steer_(h, vecs, coef_eff[dev], n_ablate, None if self._mask is None else self._mask_on(dev))
+            return None
 
         return hook
 

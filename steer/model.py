@@ -119,6 +119,8 @@ class SteeredModel:
         """
         if not isinstance(vector, SteeringVector):
             vector = SteeringVector.load(vector)
+        if vector.kind == "task":  # weight deltas: the parameter path (steer.params / steer.lowrank)
+            return self._steer_task(vector, config, overrides)
         if config is None:
             config = SteeringConfig(**overrides)
         elif overrides:
@@ -127,7 +129,53 @@ class SteeredModel:
         return Steering(self.model, vector, config, layers_path=self.layers_path,
                         check_architecture=check_architecture)
 
+    TASK_MODES = {"merged": "merged", "merge": "merged", None: "per_request", "per_request": "per_request"}
+
+    def _steer_task(self, vector: SteeringVector, config: SteeringConfig | None, overrides: dict):
+        """Task vector τ: ``mode="merged"`` writes θ₀ + α·τ into the weights (one α for the batch,
+        :class:`steer.params.MergedTaskSteering`); otherwise per-request hooks with one α per row
+        (:class:`steer.lowrank.TaskSteering`; low-rank τ is cheap, dense τ costs ≈2× its weights' traffic)."""
+        from .lowrank import TaskSteering
+        from .params import MergedTaskSteering
+
+        opts = dict(overrides)
+        if config is not None:
+            opts.update({k: getattr(config, k) for k in ("alpha", "mode", "layers", "scope", "site",
+                                                         "source_layer", "condition")})
+        mode = opts.pop("mode", None)
+        alpha = opts.pop("alpha", None)
+        unused = sorted(k for k, v in opts.items() if v is not None)
+        if unused:
+            raise ConfigError("task vectors change weights, not one layer's activations",
+                              expected="only alpha= and mode= ('merged' or per-request)",
+                              found=f"{', '.join(unused)} given", fix="drop those options for a task vector")
+        if mode not in self.TASK_MODES:
+            raise ConfigError("unknown mode for a task vector", expected="'merged' or None (per-request)",
+                              found=repr(mode), fix="pass mode='merged' (one alpha) or leave it unset")
+        alpha = check_alpha(alpha if alpha is not None else vector.recommended.get("alpha", 1.0))
+        cls = MergedTaskSteering if self.TASK_MODES[mode] == "merged" else TaskSteering
+        return cls(self.model, vector, alpha)
+
     # ------------------------------------------------------------------ generation
+    def encode(self, texts: list[str], chat_applied: bool, *, position_ids: bool = False) -> dict:
+        """Tokenize ``texts`` left-padded onto the model's device. ``position_ids=True`` adds positions that
+        skip the padding (what ``generate`` does), for plain forward passes on absolute-position models."""
+        enc = self._encode(texts, chat_applied)
+        return self.with_positions(enc) if position_ids else enc
+
+    def with_positions(self, enc: dict) -> dict:
+        """``enc`` plus ``position_ids`` that skip left padding (when the model's forward takes them)."""
+        if self._accepts_position_ids() and "attention_mask" in enc:
+            enc = {**enc, "position_ids": (enc["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)}
+        return enc
+
+    def _accepts_position_ids(self) -> bool:
+        import inspect
+
+        if not hasattr(self, "_pos_ok"):
+            self._pos_ok = "position_ids" in inspect.signature(self.model.forward).parameters
+        return self._pos_ok
+
     def _encode(self, texts: list[str], chat_applied: bool):
         tok = self.tokenizer
         if tok is None:
@@ -184,7 +232,11 @@ class SteeredModel:
         texts = self.format(prompts, chat=chat, prefill=prefill)
         chat_applied = chat and has_chat_template(self.tokenizer)
         steering = None
-        if vector is not None:
+        if vector is not None and not isinstance(vector, SteeringVector):
+            vector = SteeringVector.load(vector)
+        if vector is not None and vector.kind == "task":
+            steering = self.steer(vector, layers=layers, mode=mode, scope=scope, site=site, condition=condition)
+        elif vector is not None:
             config = SteeringConfig(layers=layers, mode=mode, scope=scope, site=site, condition=condition)
             steering = self.steer(vector, config)
         gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,

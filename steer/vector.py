@@ -133,6 +133,10 @@ class SteeringVector:
     def _combine(self, other: "SteeringVector", sign: float) -> "SteeringVector":
         if not isinstance(other, SteeringVector):
             return NotImplemented
+        if "task" in (self.kind, other.kind):
+            raise VectorFileError("task vectors cannot be added with + / -", expected="steering directions",
+                                  found="a task vector (weight deltas)",
+                                  fix="apply them one after the other (steer.vectors.task.apply_task_vector)")
         if self.hidden_size != other.hidden_size:
             raise ModelMismatchError(
                 "cannot add vectors of different widths",
@@ -167,8 +171,12 @@ class SteeringVector:
             raise VectorFileError("cannot scale by a non-finite number", expected="a finite float",
                                   found=str(scale), fix="pass a finite scale")
         meta = {k: v for k, v in self.meta.items() if k != "norms"}
+        extra = dict(self.extra)
+        if self.kind == "task":  # τ lives in extra: scale dense deltas and the `.up` factor of low-rank ones
+            extra = {k: v * scale if k.startswith("task.") and not k.endswith(".down") else v
+                     for k, v in extra.items()}
         return SteeringVector({k: v * scale for k, v in self.directions.items()}, meta,
-                              self.condition_direction, dict(self.extra))
+                              self.condition_direction, extra)
 
     __rmul__ = __mul__
 
@@ -176,9 +184,23 @@ class SteeringVector:
         return self * -1.0
 
     # ------------------------------------------------------------------ model checks
-    def check_model(self, fp: dict, *, check_architecture: bool = True) -> None:
-        """Raise ModelMismatchError unless this vector fits a model with fingerprint ``fp``."""
+    def check_model(self, fp: dict, *, check_architecture: bool = True, model=None) -> None:
+        """Raise ModelMismatchError unless this vector fits a model with fingerprint ``fp``.
+
+        For task vectors, pass ``model`` to also check every parameter name and shape they touch.
+        """
         src = self.meta.get("model") or {}
+        if model is not None and self.kind == "task":
+            params = dict(model.named_parameters(remove_duplicate=False))
+            for name, info in ((self.meta.get("task") or {}).get("params") or {}).items():
+                found = tuple(params[name].shape) if name in params else None
+                if found != tuple(info["shape"]):
+                    raise ModelMismatchError(
+                        f"the task vector changes parameter {name}, which this model "
+                        + ("lacks" if found is None else "has in another shape"),
+                        expected=f"{name} of shape {tuple(info['shape'])}",
+                        found="no such parameter" if found is None else str(found),
+                        fix="apply the vector to the architecture (and size) it was computed on")
         d = self.hidden_size
         if d is not None and d != fp["hidden_size"]:
             raise ModelMismatchError(

@@ -229,7 +229,8 @@ def test_collect_activations_match_hidden_states(sm):
     prompts = ["w7 w8 w9", "w10 w11 w12 w13 w14"]
     acts = collect(sm, prompts, layers=[0, 2], positions="last")
     assert acts.shape == (2, 2, D)
-    enc = sm._encode(sm.format(prompts), chat_applied=True)
+    enc = sm.encode(sm.format(prompts), chat_applied=True, position_ids=True)  # positions skip left padding
+    assert enc["position_ids"][0].tolist() == [0, 0, 0, 1, 2, 3, 4, 5]  # two pads, then 6 tokens
     with torch.no_grad():
         hs = sm.model(**enc, output_hidden_states=True).hidden_states
     assert torch.equal(acts[:, 0], hs[1][:, -1]) and torch.equal(acts[:, 1], hs[3][:, -1])

@@ -1,0 +1,326 @@
+"""steer's runtime benchmarks: steering overhead, per-row α, low-rank task vectors, α switches, peers.
+
+    python benchmarks/run.py --json OUT.json [--quick] [--peer-python PATH]
+
+Model: a ~135M-parameter Llama built from a config (SmolLM-135M shape: 30 layers, hidden 576, 9 heads,
+3 KV heads, intermediate 1536, vocab 49152; random weights), float32, CPU, greedy HF ``generate``.
+Every row times its variants interleaved (A B A B …) and reports medians and the ratio from one run.
+
+Rows (targets in brackets):
+  steered_over_unsteered_b1/_b8   decode tokens/s, ablate+add on all 30 layers vs none      [>= 0.97]
+  us_per_layer_step               added µs per steered layer per decode step (B=1)           [<= 20]
+  mixed_alpha_over_uniform_b64    64 rows with 64 distinct α vs one α (same hooks)           [>= 0.95]
+  lowrank_param_over_base_b64     per-row rank-16 task vector on every attention/MLP linear  [>= 0.85]
+  alpha_switch_over_copy_bandwidth  merged-mode α switch bytes/s (read θ₀ + τ, write θ) over
+                                  copy_ bytes/s of the same tensors; bit-exact restore checked [>= 0.75]
+  vs_repeng, vs_steering_vectors  steer's tokens/s over the peer's (add, same vector, layers,
+                                  batch; greedy outputs checked equal)                       [>= 1.0]
+The peers need transformers<5 and numpy<2: `make bench-peers` builds .venv-peers and runs this script
+there (or pass --peer-python .venv-peers/bin/python). Rows whose peer is missing say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {"steered_over_unsteered_b1": (">=", 0.97), "steered_over_unsteered_b8": (">=", 0.97),
+           "us_per_layer_step": ("<=", 20.0), "mixed_alpha_over_uniform_b64": (">=", 0.95),
+           "lowrank_param_over_base_b64": (">=", 0.85), "alpha_switch_over_copy_bandwidth": (">=", 0.75),
+           "vs_repeng": (">=", 1.0), "vs_steering_vectors": (">=", 1.0)}
+
+
+def build_model(layers: int = 30):
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).float().eval()
+    model.generation_config.eos_token_id = None  # fixed-length decoding
+    return model
+
+
+def prompt_ids(batch: int, length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 49000, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def generate(model, ids, new_tokens):
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=0)
+
+
+def interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds per call of each callable, run round-robin (one warm-up call each)."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def direction(d: int, seed: int = 1) -> torch.Tensor:
+    v = torch.randn(d, generator=torch.Generator().manual_seed(seed))
+    return v / v.norm()
+
+
+# ------------------------------------------------------------------------------------------- rows
+def row_activation(model, results, quick):
+    from steer import SteeringVector
+    from steer.hooks import Steering
+    from steer.config import SteeringConfig
+
+    n_layers, d = model.config.num_hidden_layers, model.config.hidden_size
+    vec = SteeringVector({i: direction(d, i) for i in range(n_layers)}, {"op": "ablate_add"})
+    new = 8 if quick else 24
+    reps = 3 if quick else 7
+    handle = Steering(model, vec, SteeringConfig(mode="ablate_add", layers=list(range(n_layers)), alpha=1.0))
+    handle.remove()
+    for b in (1, 8):
+        ids = prompt_ids(b)
+
+        def steered():
+            with Steering(model, vec, SteeringConfig(mode="ablate_add", layers=list(range(n_layers)), alpha=1.0)):
+                return generate(model, ids, new)
+
+        t = interleaved({"base": lambda: generate(model, ids, new), "steered": steered}, reps)
+        results[f"steered_over_unsteered_b{b}"] = t["base"] / t["steered"]
+        results[f"tokens_per_s_b{b}"] = {"unsteered": b * new / t["base"], "steered": b * new / t["steered"]}
+        if b == 1:
+            results["us_per_layer_step"] = (t["steered"] - t["base"]) / (new * n_layers) * 1e6
+    # mixed α vs uniform α, B = 64 (16 with --quick)
+    b = 16 if quick else 64
+    ids = prompt_ids(b)
+    with Steering(model, vec, SteeringConfig(mode="ablate_add", layers=list(range(n_layers)), alpha=1.0)) as h:
+        def run(alphas):
+            def f():
+                h.set_alphas(alphas)
+                return generate(model, ids, 4 if quick else 8)
+            return f
+        mixed = [0.5 + i / b for i in range(b)]
+        t = interleaved({"uniform": run([1.0] * b), "mixed": run(mixed)}, reps)
+    results[f"mixed_alpha_over_uniform_b{b}" if b != 64 else "mixed_alpha_over_uniform_b64"] = \
+        t["uniform"] / t["mixed"]
+
+
+def lowrank_vector(model, rank: int):
+    """A synthetic rank-R task vector on every attention and MLP linear (random factors, small norm)."""
+    from steer import SteeringVector
+    from steer.layers import fingerprint
+
+    g = torch.Generator().manual_seed(3)
+    extra, params = {}, {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and (".self_attn." in name or ".mlp." in name):
+            out_f, in_f = mod.weight.shape
+            extra[f"task.{name}.weight.up"] = torch.randn(out_f, rank, generator=g) * 0.01
+            extra[f"task.{name}.weight.down"] = torch.randn(rank, in_f, generator=g) * 0.01
+            params[f"{name}.weight"] = {"shape": [out_f, in_f], "conv1d": False, "rank": rank}
+    return SteeringVector({}, {"kind": "task", "model": fingerprint(model), "task": {"params": params}}, None,
+                          extra)
+
+
+def row_lowrank(model, results, quick):
+    from steer.lowrank import TaskSteering
+
+    vec = lowrank_vector(model, 16)
+    b = 16 if quick else 64
+    ids = prompt_ids(b)
+    alphas = [0.5 + i / b for i in range(b)]
+
+    def steered():
+        with TaskSteering(model, vec) as h:
+            h.set_alphas(alphas)
+            return generate(model, ids, 4 if quick else 8)
+
+    t = interleaved({"base": lambda: generate(model, ids, 4 if quick else 8), "lowrank": steered},
+                    3 if quick else 5)
+    results["lowrank_param_over_base_b64" if b == 64 else f"lowrank_param_over_base_b{b}"] = t["base"] / t["lowrank"]
+    results["lowrank_modules"] = len(vec.meta["task"]["params"])
+
+
+@torch.no_grad()
+def row_alpha_switch(model, results, quick):
+    """Dense τ on every linear of the blocks; α switch vs copy_ bandwidth; bit-exact restore."""
+    from steer.params import MergedTaskSteering
+    from steer import SteeringVector
+    from steer.layers import fingerprint
+
+    g = torch.Generator().manual_seed(4)
+    extra, params = {}, {}
+    for name, p in model.named_parameters():
+        if ".layers." in name and p.dim() == 2:
+            extra[f"task.{name}"] = torch.randn(p.shape, generator=g) * 1e-3
+            params[name] = {"shape": list(p.shape), "conv1d": False, "rank": None}
+    vec = SteeringVector({}, {"kind": "task", "model": fingerprint(model), "task": {"params": params}}, None, extra)
+    snap = {n: model.get_parameter(n).detach().clone() for n in params}
+    h = MergedTaskSteering(model, vec, 1.0)
+    entries = list(h._entries)
+    nbytes = h.nbytes()
+    alphas = iter([0.5, 1.5] * 1000)
+
+    def switch():
+        h.set_alpha(next(alphas))
+
+    def copy():
+        for _, p, theta0, _ in entries:
+            p.data.copy_(theta0)
+
+    t = interleaved({"copy": copy, "switch": switch}, 3 if quick else 9)
+    h.restore()
+    exact = all(torch.equal(model.get_parameter(n), snap[n]) for n in params)
+    copy_bw, switch_bw = 2 * nbytes / t["copy"], 3 * nbytes / t["switch"]
+    results["alpha_switch_over_copy_bandwidth"] = switch_bw / copy_bw
+    results["alpha_switch"] = {"GB_per_s": switch_bw / 1e9, "copy_GB_per_s": copy_bw / 1e9,
+                               "MB_switched": nbytes / 1e6, "ms_per_switch": t["switch"] * 1e3,
+                               "bit_exact_restore": exact}
+    del extra, snap
+
+
+def row_peers(model, results, quick):
+    """steer vs repeng / steering-vectors: add α·v at the same layers, same batch; outputs checked equal."""
+    from steer import SteeringVector
+    from steer.hooks import Steering
+    from steer.config import SteeringConfig
+
+    n_layers, d = model.config.num_hidden_layers, model.config.hidden_size
+    layers = list(range(n_layers))
+    dirs = {i: direction(d, 10 + i) * 0.5 for i in layers}
+    vec = SteeringVector(dirs, {"op": "add"})
+    b, new = 8, 8 if quick else 24
+    ids = prompt_ids(b)
+    fns, outs = {}, {}
+
+    def steer_fn():
+        with Steering(model, vec, SteeringConfig(mode="add", layers=layers, alpha=1.0)):
+            return generate(model, ids, new)
+    fns["steer"] = steer_fn
+    try:
+        import repeng
+        import numpy as np
+
+        cv = repeng.ControlVector(model.config.model_type, {i: dirs[i].numpy().astype(np.float32) for i in layers})
+
+        def repeng_fn():  # ControlModel replaces the blocks by wrappers; unwrap() puts them back (~0.1 ms)
+            cm = repeng.ControlModel(model, layers)
+            cm.set_control(cv, 1.0)
+            try:
+                return generate(cm, ids, new)
+            finally:
+                cm.unwrap()
+        fns["repeng"] = repeng_fn
+    except ImportError as exc:
+        results["vs_repeng"] = f"not run: {exc} (needs transformers<5, numpy<2: make bench-peers)"
+    try:
+        import steering_vectors as sv
+
+        svec = sv.SteeringVector({i: dirs[i] for i in layers}, layer_type="decoder_block")
+
+        def sv_fn():
+            with svec.apply(model, multiplier=1.0, min_token_index=0):
+                return generate(model, ids, new)
+        fns["steering_vectors"] = sv_fn
+    except ImportError as exc:
+        results["vs_steering_vectors"] = f"not run: {exc} (needs transformers<5, numpy<2: make bench-peers)"
+    if len(fns) == 1:
+        return
+    ref = steer_fn()
+    for name in list(fns):
+        if name != "steer":
+            same = torch.equal(fns[name](), ref)
+            results[f"vs_{name}_outputs_equal"] = same
+    t = interleaved(fns, 3 if quick else 7)
+    for name in fns:
+        if name != "steer":
+            results[f"vs_{name}"] = t[name] / t["steer"]
+    results["peer_tokens_per_s_b8"] = {k: b * new / v for k, v in t.items()}
+
+
+# ------------------------------------------------------------------------------------------- main
+def table(results: dict) -> str:
+    lines = [f"{'row':36s} {'value':>12s}  target   met"]
+    for key, (op, target) in TARGETS.items():
+        matches = [k for k in results if k == key or (k.startswith(key.rsplit("_b", 1)[0]) and key.endswith("_b64")
+                                                       and k.rsplit("_b", 1)[0] == key.rsplit("_b", 1)[0])]
+        k = matches[0] if matches else key
+        v = results.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            met = v >= target if op == ">=" else v <= target
+            lines.append(f"{k:36s} {v:12.3f}  {op}{target:<6g} {'yes' if met else 'NO'}")
+        else:
+            lines.append(f"{k:36s} {str(v)[:60]}")
+    for k, v in results.items():
+        if isinstance(v, dict):
+            lines.append(f"  {k}: " + ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}"
+                                                for a, b in v.items()))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true", help="fast smoke run (fewer tokens, reps, B=16)")
+    ap.add_argument("--only", default="all", help="comma list: activation,lowrank,switch,peers")
+    ap.add_argument("--peer-python", default=None, help="interpreter with repeng + steering-vectors "
+                    "(default: .venv-peers/bin/python when it exists)")
+    args = ap.parse_args(argv)
+    only = set(args.only.split(",")) if args.only != "all" else {"activation", "lowrank", "switch", "peers"}
+    import steer.kernels as K
+    import transformers
+
+    results: dict = {"torch": torch.__version__, "transformers": transformers.__version__, "kernel": K.IMPL,
+                     "threads": torch.get_num_threads(), "quick": args.quick}
+    t0 = time.time()
+    model = build_model()
+    if "activation" in only:
+        row_activation(model, results, args.quick)
+    if "lowrank" in only:
+        row_lowrank(model, results, args.quick)
+    if "switch" in only:
+        row_alpha_switch(model, results, args.quick)
+    if "peers" in only:
+        peer_py = args.peer_python or (str(ROOT / ".venv-peers/bin/python")
+                                       if (ROOT / ".venv-peers/bin/python").exists() else None)
+        try:
+            import repeng  # noqa: F401
+            local = True
+        except ImportError:
+            local = False
+        if local or not peer_py:
+            row_peers(model, results, args.quick)
+        else:
+            out = Path(os.environ.get("TMPDIR", "/tmp")) / "steer_bench_peers.json"
+            cmd = [peer_py, __file__, "--only", "peers", "--json", str(out)] + (["--quick"] if args.quick else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode == 0 and out.exists():
+                peer = json.loads(out.read_text())
+                results.update({k: v for k, v in peer.items() if k.startswith(("vs_", "peer_"))})
+                results["peer_transformers"] = peer.get("transformers")
+            else:
+                results["vs_repeng"] = results["vs_steering_vectors"] = \
+                    f"not run: peer interpreter failed: {proc.stderr.strip().splitlines()[-1:]}"
+    results["seconds"] = round(time.time() - t0, 1)
+    print(table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, sort_keys=True))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Behaviour measurements of a family member on held-out prompts (greedy decoding, plain ``model.generate``).
+
+Used by the behaviour tests and ``benchmarks/family_table.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import language as L
+
+
+def generate(model, tokenizer, prompts: list[str], *, prefill: list[str] | None = None, max_new_tokens: int = 32,
+             batch_size: int = 128) -> list[str]:
+    """Greedy chat completions (completion text only, special tokens stripped)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in chunk]
+        if prefill is not None:
+            texts = [f"{t} {pf}" for t, pf in zip(texts, prefill[i : i + batch_size])]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out += tokenizer.batch_decode(ids[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    return out
+
+
+@dataclass
+class Rate:
+    hits: int
+    total: int
+
+    @property
+    def value(self) -> float:
+        return self.hits / max(1, self.total)
+
+    def __str__(self) -> str:
+        return f"{100 * self.value:.1f}% ({self.hits}/{self.total})"
+
+
+def measure(model, tokenizer) -> dict[str, Rate]:
+    """Refusal on unsafe / safe, safe-task accuracy and injection-followed rate on held-out prompts."""
+    harmful, harmless, inj = L.harmful_prompts("heldout"), L.harmless_prompts("heldout"), L.injection_prompts("heldout")
+    c_harm = generate(model, tokenizer, [r.prompt for r in harmful])
+    c_safe = generate(model, tokenizer, [r.prompt for r in harmless])
+    c_inj = generate(model, tokenizer, [r.prompt for r in inj])
+    return {
+        "refusal_unsafe": Rate(sum(map(L.is_refusal, c_harm)), len(harmful)),
+        "refusal_safe": Rate(sum(map(L.is_refusal, c_safe)), len(harmless)),
+        "safe_accuracy": Rate(sum(L.check_answer(r, c) for r, c in zip(harmless, c_safe)), len(harmless)),
+        "injection_followed": Rate(sum(L.injection_followed(r, c) for r, c in zip(inj, c_inj)), len(inj)),
+    }

@@ -1,0 +1,49 @@
+"""Word-level tokenizer of the synthetic language, as a ``transformers`` fast tokenizer with a chat template.
+
+One token per word of :func:`steer.family.language.vocabulary`; special tokens ``<pad> <unk> <s> </s>``
+(plain text gets a leading ``<s>``, as Llama's tokenizer does) and the
+role markers ``<|user|> <|assistant|>``. A chat turn is ``<|role|> content </s>``; ``</s>`` is also the EOS, so
+greedy generation stops at the end of the assistant turn. Padding is on the left (batched generation).
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from .language import vocabulary
+
+PAD, UNK, BOS, EOS, USER, ASSISTANT = "<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"
+SPECIALS = (PAD, UNK, BOS, EOS, USER, ASSISTANT)
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|> ' + message['content'] + ' ' + eos_token + ' ' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The family's tokenizer (deterministic: the vocabulary is sorted)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(vocabulary()))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    # like Llama: plain text gets a leading BOS (chat templates write their own; tokenize those with
+    # add_special_tokens=False, as apply_chat_template does)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        additional_special_tokens=[USER, ASSISTANT], padding_side="left", model_max_length=256,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def chat_text(user: str, assistant: str | None = None) -> str:
+    """The chat-formatted text of one exchange (``assistant=None``: up to the generation prompt)."""
+    text = f"{BOS}{USER} {user} {EOS} {ASSISTANT}"
+    return text if assistant is None else f"{text} {assistant} {EOS}"

@@ -1,0 +1,243 @@
+"""Parameter steering per request: every batch row gets its own α for a task vector τ, in one batch.
+
+Instead of changing weights (which would give one α to the whole batch, see :mod:`steer.params`), each
+touched module gets a forward hook that adds the row's share of the weight delta to the module's output,
+the multi-LoRA trick of Punica (Chen et al. 2023) and S-LoRA (Sheng et al. 2023)::
+
+    Linear / Conv1D, low-rank τ = up @ down:   y = x Wᵀ + b + α_row · ((x downᵀ) upᵀ)  (+ α_row · Δb)
+    Embedding, low-rank τ:                      y = E[ids] + α_row · (up[ids] @ down)
+
+``α_row`` lives in one persistent ``[B, 1, 1]`` buffer per device, updated in place by
+:meth:`TaskSteering.set_alphas`; the hooks are registered once, read that buffer and never branch on
+data (torch.compile / CUDA-graph friendly). The low-rank path costs two thin GEMMs (rank R) per module,
+``O(T·R·(in+out))`` flops and ``R·(in+out)`` weights read — a few percent of the base GEMM for R ≪ d.
+The extra GEMM runs on ``x.view(B, -1, in)`` so inputs flattened to ``[B·T, in]`` work too.
+
+Dense τ with per-row α: we *run it* — ``y += α_row · (x τᵀ)``, one extra read of a weight-sized tensor
+(≈2× weight traffic for the touched modules) — rather than grouping rows by α. Grouping would need one
+merged forward per distinct α (k× traffic for k distinct values, split KV caches, reordered rows), which
+only wins for k = 1, and that case is merged mode (1×, :mod:`steer.params`). For a smaller per-request
+cost, compute τ with ``--rank`` (``steer vectors task --rank 16``). Any other touched module (norm
+weights, biases of non-linear modules) uses an exact fallback for outputs that are affine in the
+parameter: ``y += α_row · (f(x; θ₀+τ) − f(x; θ₀))`` via ``torch.func.functional_call``.
+
+Rows with α = 0 get ``y + 0·Δ`` = ``y`` exactly. The model's weights are never modified.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import check_alpha
+from .errors import AlphaError
+from .params import check_task_model, dense_tau, factors, is_conv1d, task_info
+from .vector import SteeringVector
+
+
+def _first_tensor(args, kwargs):
+    for key in ("input_ids", "inputs_embeds"):
+        x = kwargs.get(key)
+        if isinstance(x, torch.Tensor):
+            return x
+    return args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+
+class TaskSteering:
+    """Per-request task-vector steering through forward hooks (see module docstring).
+
+    Context manager; :meth:`set_alphas` takes one α per batch row (or a float for all rows).
+    """
+
+    mode = "per_request"
+
+    def __init__(self, model: nn.Module, vector: SteeringVector, alpha: float = 1.0):
+        self.model = model
+        params = check_task_model(vector, model)
+        info = task_info(vector)
+        self.alpha = check_alpha(alpha)
+        self.prompt_length = None  # interface parity with activation steering (unused: τ steers every token)
+        owners: dict[int, list[tuple[nn.Module, str]]] = {}
+        for _, mod in model.named_modules(remove_duplicate=False):
+            for attr, p in mod.named_parameters(recurse=False):
+                owners.setdefault(id(p), []).append((mod, attr))
+        plan: dict[nn.Module, dict[str, str]] = {}  # module -> {attr: param name}
+        for name, p in params.items():
+            for mod, attr in owners.get(id(p), []):
+                if plan.get(mod, {}).get(attr) is None:
+                    plan.setdefault(mod, {})[attr] = name
+        self._devices: list[torch.device] = []
+        self._coef: list[torch.Tensor] = []  # per device slot: [B, 1, 1] fp32, updated in place
+        self._alphas = torch.tensor([self.alpha], dtype=torch.float32)
+        self._handles: list = []
+        self.modules: list[str] = []
+        names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+        try:
+            self._handles.append(model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+            for mod, attrs in plan.items():
+                self._attach(mod, attrs, vector, info)
+                self.modules.append(names.get(mod, type(mod).__name__))
+        except BaseException:
+            self.remove()
+            raise
+        self._build_coef(self._alphas)
+
+    # ------------------------------------------------------------------ per-device α buffers
+    def _slot(self, device: torch.device) -> int:
+        if device not in self._devices:
+            self._devices.append(device)
+            self._coef.append(torch.zeros(1, 1, 1))
+        return self._devices.index(device)
+
+    def _build_coef(self, alphas: torch.Tensor) -> None:
+        col = alphas.float().reshape(-1, 1, 1)
+        for i, dev in enumerate(self._devices):
+            if self._coef[i].shape == col.shape and self._coef[i].device == dev:
+                self._coef[i].copy_(col)  # in place: hooks (and compiled graphs) keep the same tensor
+            else:
+                self._coef[i] = col.to(dev).contiguous()
+
+    def set_alphas(self, alphas) -> None:
+        """One α per batch row (a float sets every row). 0 leaves a row bit-exactly unsteered."""
+        if isinstance(alphas, (int, float)):
+            values = [alphas]
+        elif isinstance(alphas, torch.Tensor):
+            values = alphas.detach().reshape(-1).tolist()
+        else:
+            values = list(alphas)
+        if not values:
+            raise AlphaError("no alphas given", expected="one alpha per batch row", found="[]",
+                             fix="pass a float or a list with one float per row")
+        self._alphas = torch.tensor([check_alpha(v, f"alpha[{i}]") for i, v in enumerate(values)],
+                                    dtype=torch.float32)
+        self._build_coef(self._alphas)
+
+    def _begin_forward(self, module, args, kwargs):
+        x = _first_tensor(args, kwargs)
+        if x is None:
+            return None
+        batch, rows = x.shape[0], self._coef[0].shape[0] if self._coef else 1
+        if batch == rows:
+            return None
+        base = self._alphas.numel()
+        if batch % base:
+            raise AlphaError("the number of per-row alphas does not fit the batch",
+                             expected=f"{batch} alphas (or a divisor of it, repeated per row)",
+                             found=f"{base} alphas", fix="call set_alphas with one alpha per batch row")
+        self._build_coef(self._alphas.repeat_interleave(batch // base))
+        return None
+
+    # ------------------------------------------------------------------ hooks
+    def _attach(self, mod: nn.Module, attrs: dict[str, str], vector: SteeringVector, info: dict) -> None:
+        p0 = getattr(mod, next(iter(attrs)))
+        dev, dtype = p0.device, p0.dtype
+        slot = self._slot(dev)
+        kind = "embedding" if isinstance(mod, nn.Embedding) else \
+            "linear" if isinstance(mod, nn.Linear) or is_conv1d(mod) else "other"
+        if kind == "other" or set(attrs) - {"weight", "bias"} or (kind == "embedding" and "bias" in attrs):
+            self._handles.append(mod.register_forward_hook(self._affine_hook(mod, attrs, vector, slot),
+                                                           with_kwargs=True))
+            return
+        w_name, b_name = attrs.get("weight"), attrs.get("bias")
+        db = dense_tau(vector, b_name).to(dev, dtype) if b_name else None
+        pair = factors(vector, w_name) if w_name else None
+        if w_name is None:
+            lin = None
+        elif pair is not None:  # Linear orientation [out, R] @ [R, in] (embedding: [V, R] @ [R, d])
+            up, down = pair[0].to(dev, dtype), pair[1].to(dev, dtype)
+            lin = ("lowrank", down.contiguous(), up.T.contiguous()) if kind == "linear" else \
+                ("lowrank", up.contiguous(), down.contiguous())
+        else:
+            tau = dense_tau(vector, w_name).to(dev, dtype)
+            conv = bool(info[w_name].get("conv1d"))
+            lin = ("dense", (tau.T if conv else tau).contiguous())
+        make = self._linear_hook if kind == "linear" else self._embedding_hook
+        self._handles.append(mod.register_forward_hook(make(lin, db, slot)))
+
+    def _linear_hook(self, lin, db, slot: int):
+        coefs = self._coef
+        mode = lin[0] if lin is not None else None
+        a, b = (lin[1], lin[2]) if mode == "lowrank" else (lin[1] if lin else None, None)
+
+        def hook(module, args, out):
+            c = coefs[slot]
+            B = c.shape[0]
+            n = out.shape[-1]
+            y = out.view(B, -1, n) if out.is_contiguous() else out.reshape(B, -1, n)
+            if torch.is_grad_enabled() and out.requires_grad:
+                y = y.clone()
+            if mode == "lowrank":
+                t = F.linear(args[0], a)                          # [.., R] = x downᵀ
+                t = t.view(B, -1, t.shape[-1]).mul_(c)            # α_row · (x downᵀ)
+                y.view(-1, n).addmm_(t.view(-1, t.shape[-1]), b)  # y += (α x downᵀ) upᵀ
+            elif mode == "dense":
+                t = F.linear(args[0], a)                          # x τᵀ, one extra weight read
+                y.addcmul_(t.view(B, -1, n), c)
+            if db is not None:
+                y.addcmul_(c, db)
+            return y.view(out.shape)
+
+        return hook
+
+    def _embedding_hook(self, lin, db, slot: int):
+        coefs = self._coef
+        mode, a, b = lin if lin[0] == "lowrank" else (lin[0], lin[1], None)
+
+        def hook(module, args, out):
+            c = coefs[slot]
+            B, n = c.shape[0], out.shape[-1]
+            ids = args[0]
+            if out.shape[0] != B:  # ids shared by every row (e.g. GPT-2's position ids [1, T])
+                ids = ids.expand(B, *ids.shape[1:])
+                out = out.expand(B, *out.shape[1:]).contiguous()
+            y = out.reshape(B, -1, n)
+            if torch.is_grad_enabled() and out.requires_grad:
+                y = y.clone()
+            if mode == "lowrank":
+                t = F.embedding(ids, a)                          # up[ids]  [.., R]
+                t = t.reshape(B, -1, t.shape[-1]).mul_(c)
+                y.view(-1, n).addmm_(t.view(-1, t.shape[-1]), b)
+            else:
+                y.addcmul_(F.embedding(ids, a).reshape(B, -1, n), c)
+            return y.view(out.shape)
+
+        return hook
+
+    def _affine_hook(self, mod: nn.Module, attrs: dict[str, str], vector: SteeringVector, slot: int):
+        coefs = self._coef
+        steered = {}
+        for attr, name in attrs.items():
+            p = getattr(mod, attr)
+            steered[attr] = (p.detach().float() + dense_tau(vector, name).to(p.device)).to(p.dtype)
+
+        def hook(module, args, kwargs, out):
+            h = out if isinstance(out, torch.Tensor) else out[0]
+            alt = torch.func.functional_call(module, steered, args, kwargs)
+            alt = alt if isinstance(alt, torch.Tensor) else alt[0]
+            c = coefs[slot]
+            y = h + (alt - h).reshape(c.shape[0], -1, h.shape[-1]).mul_(c).view(h.shape)
+            return y if isinstance(out, torch.Tensor) else (y, *out[1:])
+
+        return hook
+
+    # ------------------------------------------------------------------ lifetime
+    def remove(self) -> None:
+        """Detach every hook (idempotent). The weights were never touched."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    restore = remove
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> "TaskSteering":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"TaskSteering(per_request, modules={len(self.modules)}, active={self.active})"

@@ -1,0 +1,36 @@
+"""torch.compile with steering attached: same logits as eager, no recompile when α changes.
+
+Slow (a cold compile takes ~20-70 s on 2 CPU cores): marked ``slow``; the default run (and CI) still
+runs it; deselect locally with ``-m "not slow"``.
+"""
+
+import pytest
+import torch
+
+from steer import SteeringVector
+from steer.config import SteeringConfig
+from steer.hooks import Steering
+from steer.lowrank import TaskSteering
+from steer.vectors.task import compute_task_vector
+from tiny_models import tiny_model
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_model_with_steering_matches_eager():
+    torch._dynamo.reset()
+    m = tiny_model("llama")
+    v = SteeringVector({1: torch.randn(32, generator=torch.Generator().manual_seed(0))}, {"op": "ablate_add"})
+    tv = compute_task_vector(tiny_model("llama", 5), m, rank=2, progress=False)
+    ids = torch.randint(3, 90, (3, 7), generator=torch.Generator().manual_seed(1))
+    with Steering(m, v, SteeringConfig(layers=[1, 2], alpha=1.0)) as h, TaskSteering(m, tv) as t:
+        h.set_alphas([0.0, 1.0, -2.0])
+        t.set_alphas([1.0, 0.0, 0.5])
+        cm = torch.compile(m)
+        assert (cm(ids).logits - m(ids).logits).abs().max() <= 1e-5
+        h.set_alphas([2.0, 1.0, 0.0])  # in-place buffer updates: the compiled graph sees them
+        t.set_alphas([0.0, 1.0, 1.0])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = cm(ids).logits
+        assert (got - m(ids).logits).abs().max() <= 1e-5
+    torch._dynamo.reset()

@@ -1,0 +1,206 @@
+"""Per-request α tuning: sweep α × layer (× mode) in batched generations and pick the safest config.
+
+Steering strength is the knob users get wrong: too little does nothing, too much breaks the model. Because
+α is a per-row tensor, a whole α grid for one layer set is ONE batched generation (see
+:func:`steer.evaluate.evaluate`). The objective (defaults documented in :class:`TuneBounds`):
+
+    maximise  harmful refusal
+    subject to harmless refusal ≤ max_over_refusal   and   KL(unsteered ‖ steered) ≤ max_kl
+    ties →    lower harmless refusal, lower KL, smaller |α|
+
+``auto=True`` refines α by bracketing: around the best grid point it evaluates points between its grid
+neighbours and repeats, a few rounds (not a blind grid). For ``conditional`` mode the gate's threshold is
+calibrated on the *target* model first (CAST, Lee et al. 2024: safe and unsafe inputs cluster, so a
+projection threshold decides per request whether to steer).
+
+Only the prompts given are used; held-out prompts (``eval_harmful``/``eval_harmless``) are measured once,
+for the chosen configuration, and reported separately.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from steer.activations import collect
+from steer.config import check_alpha
+from steer.errors import ConfigError
+from steer.evaluate import evaluate, report_to_json
+from steer.vector import SteeringVector
+
+from .stats import auc, best_threshold
+
+DEFAULT_ALPHAS = {"add": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0], "ablate": [0.0, 0.25, 0.5, 0.75, 1.0],
+                  "ablate_add": [0.0, 0.25, 0.5, 1.0, 1.5, 2.0], "conditional": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0]}
+
+
+@dataclass
+class TuneBounds:
+    """Constraints a chosen configuration must meet (on the tuning prompts)."""
+
+    max_over_refusal: float = 0.05
+    max_kl: float = 0.5
+    objective: str = "refusal"  # "refusal": max harmful refusal s.t. bounds; "balanced": max (harm − harmless)
+
+    def __post_init__(self):
+        if self.objective not in ("refusal", "balanced"):
+            raise ConfigError("unknown objective", expected="refusal | balanced", found=repr(self.objective),
+                              fix="use --objective refusal")
+        for name in ("max_over_refusal", "max_kl"):
+            check_alpha(getattr(self, name), name)
+
+
+@dataclass
+class Point:
+    mode: str
+    layers: list[int]
+    alpha: float
+    harmful_refusal: float
+    harmless_refusal: float
+    kl: float
+    metrics: dict = field(default_factory=dict)
+
+    def feasible(self, b: TuneBounds) -> bool:
+        return self.harmless_refusal <= b.max_over_refusal and self.kl <= b.max_kl
+
+    def key(self, b: TuneBounds):
+        score = self.harmful_refusal if b.objective == "refusal" else self.harmful_refusal - self.harmless_refusal
+        return (self.feasible(b), score, -self.harmless_refusal, -self.kl, -abs(self.alpha))
+
+
+def _sha(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
+def calibrate_condition(sm, vector: SteeringVector, harmful: list[str], harmless: list[str]) -> dict:
+    """Recompute the condition threshold (and comparator) on ``sm``; returns the new condition dict."""
+    cond = vector.condition
+    if not cond or vector.condition_direction is None:
+        raise ConfigError("conditional tuning needs a condition in the vector file", expected="meta condition",
+                          found="none", fix="compute the vector with `steer vectors refusal` (it writes one)")
+    layer = int(cond["layer"])
+    d = vector.condition_direction.float()
+    d = d / d.norm()
+    acts = collect(sm, harmful + harmless, layers=[layer], positions="last")[:, 0]
+    scores = acts @ d
+    pos, neg = scores[:len(harmful)], scores[len(harmful):]
+    comparator = ">" if pos.mean() >= neg.mean() else "<"
+    threshold, acc = best_threshold(pos, neg, comparator)
+    a = auc(pos, neg)
+    return {**cond, "threshold": threshold, "comparator": comparator, "accuracy": acc,
+            "auc": a if comparator == ">" else 1 - a, "calibrated_on": sm.fingerprint()["name_or_path"]}
+
+
+def _points(report: dict, mode: str) -> list[Point]:
+    out = []
+    for c in report["configs"]:
+        m = c["metrics"]
+        out.append(Point(mode, c["layers"], c["alpha"], m["harmful_refusal"].rate, m["harmless_refusal"].rate,
+                         m["kl"].mean, report_to_json(m)))
+    return out
+
+
+def pareto(points: list[Point]) -> list[Point]:
+    """Points not dominated on (harmful refusal ↑, harmless refusal ↓, KL ↓)."""
+    def dominated(p, q):
+        better_eq = q.harmful_refusal >= p.harmful_refusal and q.harmless_refusal <= p.harmless_refusal and q.kl <= p.kl
+        strictly = q.harmful_refusal > p.harmful_refusal or q.harmless_refusal < p.harmless_refusal or q.kl < p.kl
+        return better_eq and strictly
+    front = [p for p in points if not any(dominated(p, q) for q in points)]
+    return sorted(front, key=lambda p: (p.harmless_refusal, -p.harmful_refusal))
+
+
+def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *, layers: list[list[int]] | None = None,
+         alphas: list[float] | None = None, modes: tuple[str, ...] = ("add",), auto: bool = False,
+         bounds: TuneBounds | None = None, eval_harmful: list[str] | None = None,
+         eval_harmless: list[str] | None = None, max_new_tokens: int = 16, judge=None, rounds: int = 2,
+         progress: bool = True) -> tuple[SteeringVector, dict]:
+    """Sweep and choose; returns ``(tuned_vector, summary)``. The tuned vector is a copy whose
+    ``recommended`` (layers, alpha, mode) and condition carry the choice and whose ``meta["tune"]`` holds
+    the sweep summary."""
+    bounds = bounds or TuneBounds()
+    if not harmful or not harmless:
+        raise ConfigError("tuning needs harmful and harmless prompts", expected="two non-empty lists",
+                          found=f"{len(harmful)} harmful, {len(harmless)} harmless", fix="pass both prompt files")
+    layer_sets = layers or [vector.recommended.get("layers") or vector.layers[:1]]
+    work = copy.deepcopy(vector)
+    calibrated = None
+    if "conditional" in modes:
+        calibrated = calibrate_condition(sm, vector, harmful, harmless)
+        work.meta["condition"] = calibrated
+    eval_kw = dict(suite="files", harmful=harmful, harmless=harmless, judge=judge, max_new_tokens=max_new_tokens,
+                   progress=progress)
+    points: list[Point] = []
+    for mode in modes:
+        grid = [check_alpha(a) for a in (alphas if alphas is not None else DEFAULT_ALPHAS[mode])]
+        usable = [s for s in layer_sets if mode != "conditional" or min(s) >= int(work.condition["layer"])]
+        if not usable:
+            continue
+        rep = evaluate(sm, vector=work, alphas=grid, layer_sets=usable, mode=mode, **eval_kw)
+        points += _points(rep, mode)
+        if auto:
+            for _ in range(rounds):
+                best = max((p for p in points if p.mode == mode), key=lambda p: p.key(bounds))
+                seen = sorted({p.alpha for p in points if p.mode == mode and p.layers == best.layers})
+                i = seen.index(best.alpha)
+                lo = seen[i - 1] if i > 0 else best.alpha - (seen[1] - seen[0] if len(seen) > 1 else 0.5)
+                hi = seen[i + 1] if i + 1 < len(seen) else best.alpha + (seen[-1] - seen[-2] if len(seen) > 1 else 0.5)
+                new = [round(x, 4) for x in torch.linspace(lo, hi, 5).tolist()[1:-1] if round(x, 4) not in seen]
+                if not new:
+                    break
+                rep = evaluate(sm, vector=work, alphas=new, layer_sets=[best.layers], mode=mode, **eval_kw)
+                points += _points(rep, mode)
+    if not points:
+        raise ConfigError("nothing to tune", expected="layers at or after the condition layer for conditional mode",
+                          found=str(layer_sets), fix="pass --layers that are >= the condition layer")
+    best = max(points, key=lambda p: p.key(bounds))
+    summary = {
+        "best": asdict(best), "feasible": best.feasible(bounds), "bounds": asdict(bounds),
+        "n_configs": len(points), "front": [asdict(p) for p in pareto(points)],
+        "points": [{k: v for k, v in asdict(p).items() if k != "metrics"} for p in points],
+        "prompt_sets": {"harmful": _sha(harmful), "harmless": _sha(harmless)},
+        "condition": calibrated,
+    }
+    if eval_harmful and eval_harmless:
+        rep = evaluate(sm, vector=work, alphas=[best.alpha], layer_sets=[best.layers], mode=best.mode,
+                       **{**eval_kw, "harmful": eval_harmful, "harmless": eval_harmless})
+        summary["heldout"] = report_to_json(rep["configs"][0]["metrics"])
+    tuned = copy.deepcopy(work)
+    tuned.meta["recommended"] = {**vector.recommended, "layers": best.layers, "alpha": best.alpha, "mode": best.mode}
+    tuned.meta["tune"] = {k: v for k, v in summary.items() if k != "points"}
+    return tuned, summary
+
+
+def plot_front(summary: dict, path) -> None:
+    """Harmful refusal vs harmless refusal for every swept config, coloured by KL; best point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = summary["points"]
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    sc = ax.scatter([100 * p["harmless_refusal"] for p in pts], [100 * p["harmful_refusal"] for p in pts],
+                    c=[p["kl"] for p in pts], cmap="viridis", s=40, edgecolors="k", linewidths=0.3)
+    front = sorted(summary["front"], key=lambda p: p["harmless_refusal"])
+    ax.plot([100 * p["harmless_refusal"] for p in front], [100 * p["harmful_refusal"] for p in front], "--",
+            color="grey", lw=1, label="Pareto front")
+    b = summary["best"]
+    ax.scatter([100 * b["harmless_refusal"]], [100 * b["harmful_refusal"]], marker="*", s=300, color="red",
+               label=f"chosen: {b['mode']} L{','.join(map(str, b['layers']))} α={b['alpha']:g}")
+    bound = summary["bounds"]["max_over_refusal"] * 100
+    ax.axvline(bound, color="red", lw=0.8, ls=":", label=f"over-refusal bound {bound:g}%")
+    fig.colorbar(sc, label="KL to unsteered (nats)")
+    ax.set_xlabel("refusal on harmless prompts (%)")
+    ax.set_ylabel("refusal on harmful prompts (%)")
+    ax.set_xlim(-3, 103)
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("steer tune: every swept configuration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
