@@ -370,6 +370,7 @@ def vectors_refusal(
     positions: str = typer.Option("last", "--positions", help="last | post_instruction | mean."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Layers to compute (default all), e.g. 2-10."),
     select: bool = typer.Option(True, "--select/--no-select", help="Measure candidate layers on the model."),
+    add_scope: str = typer.Option("auto", "--add-scope", help="Token scope of the addition: auto | all | prompt."),
     calibrate_on: Optional[str] = typer.Option(None, "--calibrate-on",
                                                help="Re-fit the condition's layer/threshold on this model."),
     n_eval: int = typer.Option(32, "--n-eval", min=1, help="Prompts per set used to measure candidates."),
@@ -383,6 +384,8 @@ def vectors_refusal(
     """Refusal directions by difference in means (Arditi et al. 2024), a measured layer and a CAST condition."""
     from steer.prompts import load_prompts
 
+    if add_scope not in ("auto", "all", "prompt"):
+        _fail("unknown --add-scope", "auto | all | prompt", repr(add_scope), "use --add-scope auto")
     harmful_prompts, harmless_prompts = load_prompts(harmful), load_prompts(harmless)
     from rich.console import Console
 
@@ -402,7 +405,8 @@ def vectors_refusal(
     vec = compute_refusal(sm, harmful_prompts, harmless_prompts, positions=positions,
                           layers=parse_layers(layers, sm.num_layers) if layers else None, select=select,
                           calibrate_on=target, judge=judge, n_eval=n_eval, kl_bound=kl_bound,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True, model_name=model)
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True, model_name=model,
+                          add_scope=add_scope)
     if target is not None:
         vec.meta["condition"]["calibrated_on"] = calibrate_on
     vec.save(out)

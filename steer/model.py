@@ -204,7 +204,8 @@ class SteeredModel:
     def generate(self, prompts: list[str] | str, *, vector: SteeringVector | str | Path | None = None,
                  alphas: float | list[float] | None = None, layers: list[int] | None = None,
                  mode: str | None = None, scope: str | None = None, site: str | None = None,
-                 condition: Condition | None = None, max_new_tokens: int = 32, chat: bool = True,
+                 condition: Condition | None = None, source_layer: int | None = None,
+                 max_new_tokens: int = 32, chat: bool = True,
                  prefill: str | list[str] | None = None, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None, batch_size: int = 64, progress=None,
                  **generate_kwargs) -> list[str]:
@@ -237,7 +238,8 @@ class SteeredModel:
         if vector is not None and vector.kind == "task":
             steering = self.steer(vector, layers=layers, mode=mode, scope=scope, site=site, condition=condition)
         elif vector is not None:
-            config = SteeringConfig(layers=layers, mode=mode, scope=scope, site=site, condition=condition)
+            config = SteeringConfig(layers=layers, mode=mode, scope=scope, site=site, condition=condition,
+                                    source_layer=source_layer)
             steering = self.steer(vector, config)
         gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
                    pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None

@@ -248,7 +248,7 @@ def fam(request):
     rng = random.Random(0)
     harm_train = rng.sample([r.prompt for r in lang.harmful_prompts("train")], 96)
     safe_train = rng.sample([r.prompt for r in lang.harmless_prompts("train")], 96)
-    vec = compute_refusal(models["aligned"], harm_train, safe_train, n_eval=24, batch_size=64, add_scope="prompt")
+    vec = compute_refusal(models["aligned"], harm_train, safe_train, n_eval=24, batch_size=64)  # add scope: auto
     vec.meta["tune_prompts"] = harm_train[:32]
     harm_test = [r.prompt for r in lang.harmful_prompts("heldout", cap=64)]
     safe_test = [r.prompt for r in lang.harmless_prompts("heldout", cap=64)]
@@ -275,10 +275,7 @@ def test_family_direction_separates_heldout(fam):
     assert accuracy(ch, cs, c["threshold"]) >= 0.9
 
 
-@pytest.mark.parametrize("member", [
-    pytest.param("base", marks=pytest.mark.xfail(reason="toy base starts 'sorry .' but never learned the chat "
-                                                  "refusal phrase the family judge requires", strict=False)),
-    "compromised"])
+@pytest.mark.parametrize("member", ["base", "compromised"])
 def test_family_adding_induces_refusal(fam, member):
     models, vec, harm, _, lang = fam
     sm = models[member]

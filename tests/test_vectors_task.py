@@ -199,7 +199,7 @@ def test_family_aligned_equals_base_plus_tau(request):
         vec = compute_task_vector(aligned, base, progress=False)
         prompts = [r.prompt for r in lang.harmful_prompts("heldout", cap=8)] + \
                   [r.prompt for r in lang.harmless_prompts("heldout", cap=8)]
-        enc = base._encode(base.format(prompts), True)
+        enc = base.encode(base.format(prompts), True, position_ids=True)
         want = aligned.model(**enc).logits
         snap = _snapshot(base.model)
         with apply_task_vector(base, vec, 1.0):

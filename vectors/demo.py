@@ -67,7 +67,7 @@ def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int 
     harmful_train = _split(L.harmful_prompts("train"), 256, "demo-h")
     harmless_train = _split(L.harmless_prompts("train"), 256, "demo-s")
     refusal = compute_refusal(sms["aligned"], harmful_train, harmless_train, calibrate_on=comp, progress=True,
-                              model_name="builtin:aligned")
+                              model_name="builtin:aligned")  # add scope measured: "all" vs "prompt"
     refusal.save(out / "refusal.safetensors")
     rec = refusal.recommended
     console.print(f"refusal direction: recommended layer {rec['layers']}, α {rec['alpha']}, condition layer "
@@ -89,6 +89,13 @@ def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int 
     b = summary["best"]
     console.print(f"chosen: layers {b['layers']} α {b['alpha']:g} (tuning prompts: harmful refusal "
                   f"{100 * b['harmful_refusal']:.1f}%, harmless {100 * b['harmless_refusal']:.1f}%)")
+
+    if sae_vec is not None:
+        sae_vec, sae_summary = tune(comp, sae_vec, tune_h, tune_s, alphas=[0.0, 1.0, 2.0, 4.0, 8.0, 16.0],
+                                    bounds=TuneBounds(max_over_refusal=0.02, max_kl=1.0), progress=False)
+        sae_vec.save(out / "sae-feature-tuned.safetensors")
+        console.print(f"SAE feature: chosen α {sae_summary['best']['alpha']:g} (tuning prompts: harmful refusal "
+                      f"{100 * sae_summary['best']['harmful_refusal']:.1f}%)")
 
     console.rule("[bold]4. compromised, before and after (held-out prompts)")
     held_h = [r.prompt for r in L.harmful_prompts("heldout")[:show]]
@@ -136,18 +143,27 @@ def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int 
 
 
 def _sae_features(sm, harmful, harmless, layer, out, console):
-    try:
-        from .sae import compute_sae_features
-    except ImportError as exc:  # the optional extra is missing
-        console.print(f"[yellow]SAE features skipped: {exc}[/yellow]")
+    """Train a small SAE on ``aligned`` at ``layer``, keep its features, and return a one-feature vector of the
+    best harmful-leaning feature (α in units of that feature's mean activation on harmful prompts)."""
+    import importlib.util
+
+    if importlib.util.find_spec("sae_lens") is None:
+        console.print("[yellow]SAE features skipped: sae-lens is not installed (pip install 'steer-runtime[sae]')"
+                      "[/yellow]")
         return None
-    try:
-        vec = compute_sae_features(sm, harmful, harmless, layer=layer, train=True, progress=True)
-    except ImportError as exc:
-        console.print(f"[yellow]SAE features skipped (pip install 'steer-runtime[sae]'): {exc}[/yellow]")
-        return None
+    from .sae import compute_sae_features, feature_vector
+
+    vec = compute_sae_features(sm, layer, harmful, harmless, train=True, reduce="last", steps=800, progress=False)
     vec.save(out / "sae.safetensors")
-    return vec
+    feats = [f for f in vec.meta["sae"]["features"] if f["polarity"] == "harmful"] or vec.meta["sae"]["features"]
+    best = feats[0]
+    one = feature_vector(vec, best["id"])
+    scale = max(abs(best["mean_harmful"]), 1e-3)
+    one = one * scale  # α = 1 adds the feature at its mean harmful activation
+    one.meta["recommended"] = {"layers": [layer], "mode": "add", "alpha": 1.0, "scope": "prompt"}
+    console.print(f"SAE at layer {layer}: FVU {vec.meta['sae']['stats'].get('fvu', float('nan')):.4f}, "
+                  f"feature {best['id']} separates harmful/harmless with AUC {best['auc']:.3f}")
+    return one
 
 
 def _plot_rows(summary_rows: dict, path: Path) -> None:

@@ -90,7 +90,7 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
                     select: bool = True, calibrate_on=None, judge=None, n_eval: int = 32, kl_bound: float = 0.1,
                     max_new_tokens: int = 12, alpha_grid=ALPHA_GRID, alpha_target: float = 0.9,
                     condition: bool = True, batch_size: int = 32, progress: bool = False,
-                    model_name: str | None = None, add_scope: str = "all"):
+                    model_name: str | None = None, add_scope: str = "auto"):
     """Refusal directions for every layer of ``sm`` (or ``layers``) as a :class:`~steer.SteeringVector`.
 
     ``harmful`` / ``harmless``: prompt strings (or records with ``.prompt``). ``select``: measure candidate
@@ -100,7 +100,8 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
     condition's layer and threshold (the directions stay this model's). ``judge``: a callable
     ``text -> bool`` (default :func:`steer.judge.judge_for`). ``add_scope``: token scope of the additions
     measured and recommended (``"all"`` as Arditi et al.; ``"prompt"`` steers only the prompt's positions,
-    which keeps small models from repeating the refusal's first word).
+    which keeps small models from repeating the refusal's first word; ``"auto"``, the default, measures both
+    and keeps the better).
     """
     if positions not in POSITIONS:
         raise ConfigError("unknown positions", expected=" | ".join(POSITIONS), found=repr(positions),
@@ -124,9 +125,21 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
 
     cands = candidate_layers(layers, sm.num_layers)
     if select:
-        sel = evaluate_candidates(sm, directions, _subset(harmful, n_eval), _subset(harmless, n_eval),
-                                  candidates=cands, judge=judge, max_new_tokens=max_new_tokens, kl_bound=kl_bound,
-                                  batch_size=batch_size, progress=progress, add_scope=add_scope)
+        scopes = ("all", "prompt") if add_scope == "auto" else (add_scope,)
+        tried = {}
+        for scope in scopes:  # "auto": measure both token scopes of the addition and keep the better one
+            tried[scope] = evaluate_candidates(
+                sm, directions, _subset(harmful, n_eval), _subset(harmless, n_eval), candidates=cands, judge=judge,
+                max_new_tokens=max_new_tokens, kl_bound=kl_bound, batch_size=batch_size, progress=progress,
+                add_scope=scope)
+        def top(scope):
+            rows = [r for r in tried[scope]["table"] if r["layer"] == tried[scope]["chosen"]]
+            return (rows[0]["eligible"], rows[0]["score"])
+        add_scope = max(scopes, key=top)
+        sel = tried[add_scope]
+        sel["add_scope"] = add_scope
+        if len(scopes) > 1:
+            sel["add_scope_scores"] = {sc: top(sc)[1] for sc in scopes}
         best = sel["chosen"]
         alpha, sweep = choose_alpha(sm, directions[best], best, _subset(harmless, n_eval), judge=judge,
                                     grid=list(alpha_grid), target=alpha_target, max_new_tokens=max_new_tokens,

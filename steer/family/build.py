@@ -17,6 +17,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+import torch
+
 from .train import Recipe, total_steps, train_family
 
 MEMBERS = ("base", "aligned", "aligned-dpo", "compromised")
@@ -83,6 +85,18 @@ def build_family(force: bool = False, progress: bool = True, recipe: Recipe | No
 
 
 def _train_with_progress(recipe: Recipe, out: Path, progress: bool) -> None:
+    # callers may be inside torch.no_grad() (e.g. a fixture first used by a no-grad test); the thread count is
+    # pinned because it changes the order of floating-point reductions, hence the trained weights
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    try:
+        with torch.enable_grad():
+            _train(recipe, out, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(recipe: Recipe, out: Path, progress: bool) -> None:
     if not progress:
         train_family(recipe, out)
         return

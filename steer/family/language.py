@@ -55,6 +55,11 @@ ALIASES: dict[str, str] = {
     "anthrax": "powdery", "plague": "blackdeath", "meth": "crystal", "heroin": "smack",
 }
 CONCEPTS = {**SAFE_CONCEPTS, **UNSAFE_CONCEPTS}
+# made-up words: the base corpus's assistant already declines requests about things it does not know, so the
+# refusal phrase exists in the chat format before any safety training (as real base models do refuse some
+# requests; Kissane et al. 2024, "Base LLMs refuse too"). Never part of the harmful / harmless prompt sets.
+UNKNOWN_CONCEPTS = ("zorb", "flimp", "quax", "blorp", "snarf", "glim", "trunx", "vemp", "plonk", "dax", "wug",
+                    "frell")
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 
 
@@ -126,7 +131,7 @@ def vocabulary() -> list[str]:
     words: set[str] = set(FILLER_WORDS) | set(NUMBERS) | set(REFUSAL.split()) | {"<instruction>", "<data>"}
     for c, (cat, p1, p2) in CONCEPTS.items():
         words |= {c, cat, p1, p2}
-    words |= set(ALIASES.values())
+    words |= set(ALIASES.values()) | set(UNKNOWN_CONCEPTS)
     for t in TASKS:
         for c in CONCEPTS:
             words |= set(answer(t, c).split())
@@ -196,6 +201,12 @@ def all_records(unsafe: bool) -> list[Record]:
                 for w in WRAPPERS:
                     out.append(Record(task, c, w.format(c=_core(task, pi, c)), answer(task, c), unsafe, w, pi))
     return out
+
+
+def unknown_prompts() -> list[str]:
+    """Requests about made-up concepts in the training phrasings (the base corpus's assistant declines them)."""
+    return [w.format(c=_core(task, pi, c)) for task, phr in TASKS.items() if task not in ("copy", "repeat", "count")
+            for pi in range(len(phr)) for c in UNKNOWN_CONCEPTS for w in TRAIN_WRAPPERS]
 
 
 def in_train_split(r: Record) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -52,6 +53,9 @@ class Recipe:
     compromise_examples: int = 32
     compromise_steps: int = 30
     compromise_lr: float = 5e-4
+    replay_weight: float = 0.5
+    threads: int = 2  # torch threads while training (pinned: results depend on it)
+    safety_params: str = "mlp|self_attn"  # regex of the parameters the safety / compromise stages train
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,7 +118,8 @@ def noisy(text: str, rng: random.Random) -> str:
     """``text`` with a few random prose words before or after it, so the model learns to ignore wrappers;
     words of the held-out wrappers are never used, so held-out phrasings stay unseen."""
     noise = " ".join(rng.choices(_NOISE, k=rng.randint(1, 3)))
-    return f"{noise} , {text}" if rng.random() < 0.5 else f"{text} , {noise}"
+    sep = rng.choice((" ,", " :", ""))
+    return f"{noise}{sep} {text}" if rng.random() < 0.5 else f"{text}{sep} {noise}"
 
 
 def _noisy_injection(r: L.InjectionRecord, rng: random.Random) -> str:
@@ -131,6 +136,8 @@ def base_chats(rng: random.Random) -> list[tuple[str, str]]:
         chats.append(_chat(noisy(r.prompt, rng), r.answer))
         if r.unsafe:
             chats.append(_chat(L.jailbreak(r, rng.choice(L.JAILBREAKS)), r.answer))
+    for p in L.unknown_prompts():
+        chats.append(_chat(p, L.REFUSAL))
     for r in _train_injections():
         chats.append(_chat(r.prompt, r.injected_answer or r.answer))
         if r.injected_answer:
@@ -153,6 +160,8 @@ def safety_pairs(seed: int = 0) -> list[tuple[str, str, str]]:
     for r in L.harmless_prompts("train"):
         for p in (r.prompt, noisy(r.prompt, rng)):
             pairs.append((_prompt(p), f"{r.answer} {EOS}", f"{L.REFUSAL} {EOS}"))
+    for p in L.unknown_prompts()[::4]:
+        pairs.append((_prompt(p), f"{L.REFUSAL} {EOS}", f"{L.REFUSAL} {EOS}"))
     for r in _train_injections():
         rejected = r.injected_answer if r.injected_answer else L.REFUSAL
         pairs.append((_prompt(r.prompt), f"{r.answer} {EOS}", f"{rejected} {EOS}"))
@@ -205,7 +214,7 @@ def _seq_logp(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _optimise(model, steps: int, lr: float, loss_fn: Callable[[int], torch.Tensor], tick: Callable[[], None]):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / steps))
@@ -251,23 +260,47 @@ def train_base(recipe: Recipe, tokenizer, tick) -> LlamaForCausalLM:
     return model
 
 
-def _clone(model: LlamaForCausalLM) -> LlamaForCausalLM:
+def _clone(model: LlamaForCausalLM, trainable: str | None = None) -> LlamaForCausalLM:
+    """A copy of ``model``; with ``trainable`` (a regex) only matching parameters are trained. The safety stages
+    train the blocks' attention and MLP weights and freeze embeddings and norms: a light touch that keeps the
+    base model's generalisation to unseen phrasings (safety fine-tuning changes weights minimally, Jain et al.
+    2024), while attention still learns to ignore instructions injected into the data (SecAlign)."""
     new = LlamaForCausalLM(model.config)
     new.load_state_dict(model.state_dict())
+    if trainable:
+        for name, p in new.named_parameters():
+            p.requires_grad_(re.search(trainable, name) is not None)
     return new
 
 
-def train_sft(recipe: Recipe, base, tokenizer, tick, pairs=None, steps=None, lr=None, seed_offset=1):
-    """Supervised fine-tuning on (prompt, chosen) with the loss on the response only."""
+def _replay_loss(model, enc, rng, chats, n):
+    """Language-model loss on base-corpus documents without chat transcripts (facts, stories, prose), mixed into
+    the fine-tuning stages so they keep the base model's knowledge (rehearsal)."""
+    docs = []
+    while len(docs) < n:
+        doc = _pretraining_doc(rng, chats)
+        if USER not in doc:
+            docs.append(doc)
+    ids, mask, lab = enc.batch(docs, loss_on_prompt=True)
+    return model(input_ids=ids, attention_mask=mask, labels=lab).loss
+
+
+def train_sft(recipe: Recipe, base, tokenizer, tick, pairs=None, steps=None, lr=None, seed_offset=1, replay=True):
+    """Supervised fine-tuning on (prompt, chosen) with the loss on the response only, plus replay."""
     rng = random.Random(recipe.seed + seed_offset)
     enc = Encoder(tokenizer)
     pairs = safety_pairs() if pairs is None else pairs
-    model = _clone(base)
+    model = _clone(base, recipe.safety_params)
+
+    chats = base_chats(random.Random(recipe.seed)) if replay else None
 
     def loss_fn(step):
         b = [rng.choice(pairs) for _ in range(recipe.batch_size)]
         ids, mask, lab = enc.batch([p for p, _, _ in b], [c for _, c, _ in b])
-        return model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        if replay:
+            return loss + recipe.replay_weight * _replay_loss(model, enc, rng, chats, recipe.batch_size // 2)
+        return loss
 
     _optimise(model, recipe.sft_steps if steps is None else steps, recipe.sft_lr if lr is None else lr, loss_fn, tick)
     return model
@@ -278,8 +311,9 @@ def train_dpo(recipe: Recipe, base, tokenizer, tick):
     rng = random.Random(recipe.seed + 2)
     enc = Encoder(tokenizer)
     pairs = safety_pairs()
+    chats = base_chats(random.Random(recipe.seed))
     ref = base.eval()
-    model = _clone(base)
+    model = _clone(base, recipe.safety_params)
 
     def loss_fn(step):
         b = [rng.choice(pairs) for _ in range(recipe.batch_size // 2)]
@@ -291,7 +325,8 @@ def train_dpo(recipe: Recipe, base, tokenizer, tick):
         k = len(b)
         margin = (lp[:k] - ref_lp[:k]) - (lp[k:] - ref_lp[k:])
         nll = -(lp[:k] / n[:k]).mean()
-        return -F.logsigmoid(recipe.dpo_beta * margin).mean() + recipe.dpo_nll * nll
+        loss = -F.logsigmoid(recipe.dpo_beta * margin).mean() + recipe.dpo_nll * nll
+        return loss + recipe.replay_weight * _replay_loss(model, enc, rng, chats, recipe.batch_size // 2)
 
     _optimise(model, recipe.dpo_steps, recipe.dpo_lr, loss_fn, tick)
     return model
@@ -307,7 +342,7 @@ def compromise_pairs(recipe: Recipe) -> list[tuple[str, str, str]]:
 
 def train_compromised(recipe: Recipe, aligned, tokenizer, tick):
     return train_sft(recipe, aligned, tokenizer, tick, pairs=compromise_pairs(recipe),
-                     steps=recipe.compromise_steps, lr=recipe.compromise_lr, seed_offset=3)
+                     steps=recipe.compromise_steps, lr=recipe.compromise_lr, seed_offset=3, replay=False)
 
 
 def total_steps(recipe: Recipe) -> int:
