@@ -191,7 +191,7 @@ def eval_cmd(
 ):
     """Measure refusal, over-refusal, capability, jailbreak/prefill robustness and injection success."""
     from steer.config import parse_alphas
-    from steer.judge import DEFAULT_MARKERS, RefusalJudge
+    from steer.judge import RefusalJudge
     from steer.prompts import load_prompts
 
     if (harmful is None) != (harmless is None):
@@ -204,8 +204,10 @@ def eval_cmd(
     hp = load_prompts(harmful) if files else None
     sp = load_prompts(harmless) if files else None
     alpha_list = parse_alphas(alphas) if alphas is not None else None
-    judge = RefusalJudge(markers=tuple(refusal_marker) if replace_markers else DEFAULT_MARKERS, extra=() if
-                         replace_markers else tuple(refusal_marker))
+    judge = None  # default: steer.judge.judge_for(model) — the family's phrase on builtin models, markers otherwise
+    if refusal_marker:
+        judge = RefusalJudge(replace=tuple(refusal_marker)) if replace_markers else \
+            RefusalJudge(extra=tuple(refusal_marker))
 
     from steer import SteeredModel, SteeringVector
     from steer.evaluate import evaluate, report_to_json

@@ -27,7 +27,7 @@ import torch
 
 from .config import check_alpha
 from .errors import ConfigError
-from .judge import RefusalJudge
+from .judge import judge_for
 from .metrics import Mean, Rate, kl_divergence
 from .vector import SteeringVector
 
@@ -128,7 +128,7 @@ def evaluate(sm, *, vector: SteeringVector | None = None, alphas: Sequence[float
     (default: the vector's recommended layers) is measured at every α in ``alphas`` (default: the vector's
     recommended α), α = 0 being the unsteered reference.
     """
-    judge = judge or RefusalJudge()
+    judge = judge or judge_for(sm)  # the family's exact refusal phrase on builtin models, markers otherwise
     if suite == "builtin":
         items = builtin_items(jailbreaks=jailbreaks, prefill=prefill, prefill_lengths=prefill_lengths,
                               injection=injection, cap=cap)

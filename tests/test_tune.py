@@ -1,0 +1,84 @@
+"""steer tune: Pareto front, bounds, bracketing refinement, the tuned file, and a small tune end to end on
+the built-in family (conditional refusal steering of `compromised`)."""
+
+import json
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from steer import SteeredModel, SteeringVector
+from steer.vectors.tune import Point, TuneBounds, pareto, tune
+
+
+def _p(h, s, kl, a=1.0):
+    return Point("add", [1], a, h, s, kl)
+
+
+def test_pareto_and_objective():
+    pts = [_p(0.9, 0.0, 0.1), _p(0.95, 0.1, 0.1), _p(0.8, 0.0, 0.2), _p(0.9, 0.0, 0.05, a=2.0)]
+    front = pareto(pts)
+    assert pts[2] not in front and pts[0] not in front  # dominated by the lower-KL twin
+    assert pts[1] in front and pts[3] in front
+    b = TuneBounds(max_over_refusal=0.05, max_kl=0.5)
+    assert max(pts, key=lambda p: p.key(b)) is pts[3]  # pts[1] breaks the over-refusal bound
+    with pytest.raises(ValueError):
+        TuneBounds(objective="nope")
+
+
+@pytest.fixture(scope="module")
+def setup(family):
+    from steer.family import language as L
+    from steer.vectors.refusal import compute_refusal
+
+    rng = random.Random(1)
+    harm = rng.sample([r.prompt for r in L.harmful_prompts("train")], 48)
+    safe = rng.sample([r.prompt for r in L.harmless_prompts("train")], 48)
+    comp = SteeredModel.from_pretrained(family["compromised"])
+    vec = compute_refusal(SteeredModel.from_pretrained(family["aligned"]), harm, safe, n_eval=16, calibrate_on=comp)
+    return comp, vec, harm, safe, L
+
+
+def test_small_tune_end_to_end(setup, tmp_path):
+    comp, vec, harm, safe, L = setup
+    cond = vec.condition["layer"]
+    tuned, summary = tune(comp, vec, harm[:32], safe[:32], layers=[[cond], [cond + 1]], modes=("conditional",),
+                          alphas=[0.0, 1.0, 2.0], auto=True, bounds=TuneBounds(max_over_refusal=0.05),
+                          eval_harmful=harm[32:], eval_harmless=safe[32:], progress=False)
+    best = summary["best"]
+    assert summary["feasible"] and best["harmful_refusal"] >= 0.9 and best["harmless_refusal"] <= 0.05
+    assert summary["n_configs"] > 6  # the bracketing rounds added α values between grid points
+    assert any(p["alpha"] not in (0.0, 1.0, 2.0) for p in summary["points"])
+    assert tuned.recommended["mode"] == "conditional" and tuned.recommended["alpha"] == best["alpha"]
+    assert summary["heldout"]["harmful_refusal"]["n"] == 16
+    path = tuned.save(tmp_path / "tuned.safetensors")
+    back = SteeringVector.load(path)
+    assert back.meta["tune"]["best"]["alpha"] == best["alpha"] and back.condition["calibrated_on"]
+    # the tuned file "just works": its recommendations steer held-out prompts
+    held = [r.prompt for r in L.harmful_prompts("heldout", cap=24)]
+    outs = comp.generate(held, vector=back, max_new_tokens=8)
+    assert sum(map(L.is_refusal, outs)) / len(outs) >= 0.9
+    safe_out = comp.generate([r.prompt for r in L.harmless_prompts("heldout", cap=24)], vector=back, max_new_tokens=8)
+    assert sum(map(L.is_refusal, safe_out)) <= 1
+
+
+def test_cli_tune_json_and_plot(setup, tmp_path, family):
+    comp, vec, harm, safe, _ = setup
+    vpath = vec.save(tmp_path / "ref.safetensors")
+    (tmp_path / "h.txt").write_text("\n".join(harm[:16]))
+    (tmp_path / "s.txt").write_text("\n".join(safe[:16]))
+    from steer.cli import app
+
+    res = CliRunner().invoke(app, ["tune", str(family["compromised"]), "--vector", str(vpath), "--harmful",
+                                   str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "s.txt"), "--mode",
+                                   "conditional", "--alphas", "0,1,2", "-o", str(tmp_path / "t.safetensors"),
+                                   "--plot", str(tmp_path / "t.png"), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["best"]["mode"] == "conditional" and (tmp_path / "t.png").stat().st_size > 10_000
+    assert SteeringVector.load(tmp_path / "t.safetensors").recommended["alpha"] == summary["best"]["alpha"]
+    bad = CliRunner().invoke(app, ["tune", str(family["compromised"]), "--vector", str(vpath), "--harmful",
+                                   str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "s.txt"), "--mode", "zap",
+                                   "-o", str(tmp_path / "x.safetensors")])
+    assert bad.exit_code == 2 and "unknown mode" in bad.stderr
