@@ -147,23 +147,19 @@ def _layer_sets(text: Optional[str], num_layers: int):
 
 
 def print_eval(report: dict, title: str = "") -> None:
+    """One row per metric, one column per configuration (layer set × α); cells: rate (k/n, 95% interval)."""
     from rich.console import Console
     from rich.table import Table
 
     configs = report["configs"]
     keys = list(dict.fromkeys(k for c in configs for k in c["metrics"]))
     table = Table(title=title or None)
-    table.add_column("layers")
-    table.add_column("α", justify="right")
-    for k in keys:
-        table.add_column(k, justify="right")
+    table.add_column("metric")
     for c in configs:
-        cells = []
-        for k in keys:
-            m = c["metrics"].get(k)
-            cells.append("-" if m is None else str(m))
-        table.add_row(",".join(map(str, c["layers"] or [])) or "-", "-" if c["alpha"] is None else f"{c['alpha']:g}",
-                      *cells)
+        layers = ",".join(map(str, c["layers"] or []))
+        table.add_column("unsteered" if c["alpha"] is None else f"L{layers} α={c['alpha']:g}", justify="right")
+    for k in keys:
+        table.add_row(k, *["-" if c["metrics"].get(k) is None else str(c["metrics"][k]) for c in configs])
     Console().print(table)
 
 
@@ -290,7 +286,7 @@ def tune(
         table.add_column(col, justify="right")
     for p in summary["front"]:
         ok = p["harmless_refusal"] <= bounds.max_over_refusal and p["kl"] <= bounds.max_kl
-        table.add_row(p["mode"], ",".join(map(str, p["layers"])), f"{p['alpha']:g}", f"{100 * p['harmful_refusal']:.1f}%",
+        table.add_row(p["mode"], ",".join(map(str, p["layers"] or [])), f"{p['alpha']:g}", f"{100 * p['harmful_refusal']:.1f}%",
                       f"{100 * p['harmless_refusal']:.1f}%", f"{p['kl']:.3f}", "yes" if ok else "no")
     console = Console()
     console.print(table)

@@ -147,8 +147,11 @@ def evaluate(sm, *, vector: SteeringVector | None = None, alphas: Sequence[float
         plan = [(None, [0.0])]
     else:
         alphas = [check_alpha(a) for a in (alphas if alphas is not None else [vector.recommended.get("alpha", 1.0)])]
-        sets = layer_sets if layer_sets is not None else [vector.recommended.get("layers") or vector.layers]
-        plan = [(list(s), list(alphas)) for s in sets]
+        if vector.kind == "task":  # task vectors change weights, not layers' activations
+            sets = [None]
+        else:
+            sets = layer_sets if layer_sets is not None else [vector.recommended.get("layers") or vector.layers]
+        plan = [(list(s) if s is not None else None, list(alphas)) for s in sets]
     order = sorted(range(len(items)), key=lambda i: len(sm.tokenizer(items[i].prompt)["input_ids"]))
     configs = []
     bar = _progress(progress, sum(len(a) for _, a in plan) * len(items))

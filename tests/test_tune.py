@@ -82,3 +82,24 @@ def test_cli_tune_json_and_plot(setup, tmp_path, family):
                                    str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "s.txt"), "--mode", "zap",
                                    "-o", str(tmp_path / "x.safetensors")])
     assert bad.exit_code == 2 and "unknown mode" in bad.stderr
+
+
+def test_tune_task_vector_through_the_per_request_path(family):
+    """Task vectors are tuned too: the α sweep runs through per-row parameter steering in one batch."""
+    from steer.family import language as L
+    from steer.vectors.task import compute_task_vector
+
+    comp = SteeredModel.from_pretrained(family["compromised"])
+    aligned = SteeredModel.from_pretrained(family["aligned"])
+    harm_vec = compute_task_vector(comp.model, aligned.model, role="harm", rank=8, progress=False)
+    rng = random.Random(2)
+    harm = rng.sample([r.prompt for r in L.harmful_prompts("train")], 24)
+    safe = rng.sample([r.prompt for r in L.harmless_prompts("train")], 24)
+    tuned, summary = tune(comp, harm_vec, harm, safe, alphas=[0.0, -0.5, -1.0], progress=False)
+    assert summary["best"]["mode"] == "per_request" and summary["best"]["layers"] is None
+    assert {p["alpha"] for p in summary["points"]} == {0.0, -0.5, -1.0}
+    # each point equals a plain per-α run (the sweep shares one batch across α)
+    for p in summary["points"]:
+        outs = comp.generate(harm, vector=harm_vec, alphas=p["alpha"], max_new_tokens=16)
+        assert p["harmful_refusal"] == sum(map(L.is_refusal, outs)) / len(outs)
+    assert summary["best"]["harmful_refusal"] >= 0.9 and tuned.recommended["alpha"] < 0

@@ -115,13 +115,13 @@ def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int 
     rows = {}
     for name in ("base", "aligned", "compromised"):
         rows[name] = report_to_json(evaluate(sms[name], **kw))["configs"][0]["metrics"]
-    rows["compromised + refusal add"] = report_to_json(evaluate(comp, vector=refusal, **kw))["configs"][0]["metrics"]
-    rows["compromised + tuned conditional"] = report_to_json(
+    rows[f"compromised + refusal add (file's L{rec['layers'][0]}, α={rec['alpha']:g})"] = report_to_json(evaluate(comp, vector=refusal, **kw))["configs"][0]["metrics"]
+    rows[f"compromised + tuned conditional (L{b['layers'][0]}, α={b['alpha']:g})"] = report_to_json(
         evaluate(comp, vector=tuned, mode="conditional", **kw))["configs"][0]["metrics"]
     with apply_task_vector(comp.model, task, 1.0):
         rows["compromised + task vector (α=1)"] = report_to_json(evaluate(comp, **kw))["configs"][0]["metrics"]
     if sae_vec is not None:
-        rows["compromised + SAE features"] = report_to_json(
+        rows[f"compromised + SAE feature (α={sae_vec.recommended['alpha']:g})"] = report_to_json(
             evaluate(comp, vector=sae_vec, **kw))["configs"][0]["metrics"]
     summary_rows = {name: _summary(m) for name, m in rows.items()}
     table = Table(title="held-out built-in suite")

@@ -6,7 +6,10 @@ Steering strength is the knob users get wrong: too little does nothing, too much
 
     maximise  harmful refusal
     subject to harmless refusal ≤ max_over_refusal   and   KL(unsteered ‖ steered) ≤ max_kl
-    ties →    lower harmless refusal, lower KL, smaller |α|
+    ties →    lower harmless refusal, lower KL, then LARGER |α|: among configurations that are equally good on
+              the tuning prompts, the strongest steering that still meets the bounds holds up best under
+              attacks the tuning prompts do not contain (prefilling, jailbreak wrappers); for conditional
+              steering the bounds are met by the gate, so this picks the middle-to-top of the working range
 
 ``auto=True`` refines α by bracketing: around the best grid point it evaluates points between its grid
 neighbours and repeats, a few rounds (not a blind grid). For ``conditional`` mode the gate's threshold is
@@ -34,7 +37,8 @@ from steer.vector import SteeringVector
 from .stats import auc, best_threshold
 
 DEFAULT_ALPHAS = {"add": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0], "ablate": [0.0, 0.25, 0.5, 0.75, 1.0],
-                  "ablate_add": [0.0, 0.25, 0.5, 1.0, 1.5, 2.0], "conditional": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0]}
+                  "ablate_add": [0.0, 0.25, 0.5, 1.0, 1.5, 2.0], "conditional": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0],
+                  "per_request": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]}  # per_request: task vectors
 
 
 @dataclass
@@ -68,7 +72,7 @@ class Point:
 
     def key(self, b: TuneBounds):
         score = self.harmful_refusal if b.objective == "refusal" else self.harmful_refusal - self.harmless_refusal
-        return (self.feasible(b), score, -self.harmless_refusal, -self.kl, -abs(self.alpha))
+        return (self.feasible(b), score, -self.harmless_refusal, -self.kl, abs(self.alpha))
 
 
 def _sha(prompts: list[str]) -> str:
@@ -125,7 +129,10 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
     if not harmful or not harmless:
         raise ConfigError("tuning needs harmful and harmless prompts", expected="two non-empty lists",
                           found=f"{len(harmful)} harmful, {len(harmless)} harmless", fix="pass both prompt files")
-    layer_sets = layers or [vector.recommended.get("layers") or vector.layers[:1]]
+    if vector.kind == "task":  # weights, not a layer's activations: α through the per-request parameter path
+        layer_sets, modes = [None], ("per_request",)
+    else:
+        layer_sets = layers or [vector.recommended.get("layers") or vector.layers[:1]]
     work = copy.deepcopy(vector)
     calibrated = None
     if "conditional" in modes:
@@ -139,7 +146,8 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
         usable = [s for s in layer_sets if mode != "conditional" or min(s) >= int(work.condition["layer"])]
         if not usable:
             continue
-        rep = evaluate(sm, vector=work, alphas=grid, layer_sets=usable, mode=mode, **eval_kw)
+        run_mode = None if mode == "per_request" else mode
+        rep = evaluate(sm, vector=work, alphas=grid, layer_sets=usable, mode=run_mode, **eval_kw)
         points += _points(rep, mode)
         if auto:
             for _ in range(rounds):
@@ -151,7 +159,7 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
                 new = [round(x, 4) for x in torch.linspace(lo, hi, 5).tolist()[1:-1] if round(x, 4) not in seen]
                 if not new:
                     break
-                rep = evaluate(sm, vector=work, alphas=new, layer_sets=[best.layers], mode=mode, **eval_kw)
+                rep = evaluate(sm, vector=work, alphas=new, layer_sets=[best.layers], mode=run_mode, **eval_kw)
                 points += _points(rep, mode)
     if not points:
         raise ConfigError("nothing to tune", expected="layers at or after the condition layer for conditional mode",
@@ -165,7 +173,8 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
         "condition": calibrated,
     }
     if eval_harmful and eval_harmless:
-        rep = evaluate(sm, vector=work, alphas=[best.alpha], layer_sets=[best.layers], mode=best.mode,
+        rep = evaluate(sm, vector=work, alphas=[best.alpha], layer_sets=[best.layers],
+                       mode=None if best.mode == "per_request" else best.mode,
                        **{**eval_kw, "harmful": eval_harmful, "harmless": eval_harmless})
         summary["heldout"] = report_to_json(rep["configs"][0]["metrics"])
     tuned = copy.deepcopy(work)
@@ -190,7 +199,7 @@ def plot_front(summary: dict, path) -> None:
             color="grey", lw=1, label="Pareto front")
     b = summary["best"]
     ax.scatter([100 * b["harmless_refusal"]], [100 * b["harmful_refusal"]], marker="*", s=300, color="red",
-               label=f"chosen: {b['mode']} L{','.join(map(str, b['layers']))} α={b['alpha']:g}")
+               label=f"chosen: {b['mode']} L{','.join(map(str, b['layers'] or []))} α={b['alpha']:g}")
     bound = summary["bounds"]["max_over_refusal"] * 100
     ax.axvline(bound, color="red", lw=0.8, ls=":", label=f"over-refusal bound {bound:g}%")
     fig.colorbar(sc, label="KL to unsteered (nats)")
