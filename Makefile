@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,triton
+EXTRAS ?= dev,triton,sae
 
 .PHONY: install test demo bench clean
 

@@ -7,11 +7,11 @@ Greedy decoding with plain ``model.generate``; prompts from :mod:`steer.family.l
 
 from __future__ import annotations
 
-import time
+import json
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from steer.family import MEMBERS, build_family
+from steer.family import MEMBERS, build_family, family_dir
 from steer.family.evaluate import measure
 
 COLUMNS = (("refusal_unsafe", "refusal on unsafe"), ("refusal_safe", "refusal on safe"),
@@ -19,16 +19,15 @@ COLUMNS = (("refusal_unsafe", "refusal on unsafe"), ("refusal_safe", "refusal on
 
 
 def main() -> None:
-    start = time.perf_counter()
     paths = build_family()
-    built = time.perf_counter() - start
+    record = json.loads((family_dir() / "family.json").read_text())
     print("| member | " + " | ".join(title for _, title in COLUMNS) + " |")
     print("|---|" + "---|" * len(COLUMNS))
     for name in MEMBERS:
         model = AutoModelForCausalLM.from_pretrained(paths[name]).eval()
         rates = measure(model, AutoTokenizer.from_pretrained(paths[name]))
         print(f"| `{name}` | " + " | ".join(str(rates[key]) for key, _ in COLUMNS) + " |")
-    print(f"\n(family ready in {built:.0f} s; held-out prompts, greedy decoding)")
+    print(f"\n(family trained in {record['train_seconds']:.0f} s when built; held-out prompts, greedy decoding)")
 
 
 if __name__ == "__main__":
