@@ -49,6 +49,20 @@ def check_alpha(value, what: str = "alpha") -> float:
     return out
 
 
+def row_alphas(alphas) -> torch.Tensor:
+    """One finite α per batch row as a float32 CPU tensor (a single float gives one row, broadcast later)."""
+    if isinstance(alphas, (int, float)):
+        values = [alphas]
+    elif isinstance(alphas, torch.Tensor):
+        values = alphas.detach().reshape(-1).tolist()
+    else:
+        values = list(alphas)
+    if not values:
+        raise AlphaError("no alphas given", expected="one alpha per batch row", found="[]",
+                         fix="pass a float or a list with one float per row")
+    return torch.tensor([check_alpha(v, f"alpha[{i}]") for i, v in enumerate(values)], dtype=torch.float32)
+
+
 @dataclass
 class Condition:
     """CAST-style gate: steer a request iff ``score(h_C) <comparator> threshold``.

@@ -21,7 +21,7 @@ from torch import nn
 
 from steer.kernels import steer_
 
-from .config import Condition, SteeringConfig, check_alpha
+from .config import Condition, SteeringConfig, check_alpha, row_alphas
 from .errors import AlphaError, ConfigError, LayerError
 from .layers import check_layers, fingerprint, get_layers
 from .vector import SteeringVector
@@ -181,17 +181,7 @@ class Steering:
 
     def set_alphas(self, alphas) -> None:
         """Give every batch row its own strength (a float sets one α for all rows). 0 = unsteered row."""
-        if isinstance(alphas, (int, float)):
-            values = [alphas]
-        elif isinstance(alphas, torch.Tensor):
-            values = alphas.detach().reshape(-1).tolist()
-        else:
-            values = list(alphas)
-        if not values:
-            raise AlphaError("no alphas given", expected="one alpha per batch row", found="[]",
-                             fix="pass a float or a list with one float per row")
-        checked = [check_alpha(v, f"alpha[{i}]") for i, v in enumerate(values)]
-        self._alphas = torch.tensor(checked, dtype=torch.float32)
+        self._alphas = row_alphas(alphas)
         self._build_coef(self._alphas)
 
     def _fit_rows(self, batch: int) -> None:

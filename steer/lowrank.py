@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import check_alpha
+from .config import check_alpha, row_alphas
 from .errors import AlphaError
 from .params import check_task_model, dense_tau, factors, is_conv1d, task_info
 from .vector import SteeringVector
@@ -100,17 +100,7 @@ class TaskSteering:
 
     def set_alphas(self, alphas) -> None:
         """One α per batch row (a float sets every row). 0 leaves a row bit-exactly unsteered."""
-        if isinstance(alphas, (int, float)):
-            values = [alphas]
-        elif isinstance(alphas, torch.Tensor):
-            values = alphas.detach().reshape(-1).tolist()
-        else:
-            values = list(alphas)
-        if not values:
-            raise AlphaError("no alphas given", expected="one alpha per batch row", found="[]",
-                             fix="pass a float or a list with one float per row")
-        self._alphas = torch.tensor([check_alpha(v, f"alpha[{i}]") for i, v in enumerate(values)],
-                                    dtype=torch.float32)
+        self._alphas = row_alphas(alphas)
         self._build_coef(self._alphas)
 
     def _begin_forward(self, module, args, kwargs):

@@ -227,23 +227,11 @@ def test_cli_vectors_refusal_and_info(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the family
-def _family_paths(request):
-    try:
-        return request.getfixturevalue("family")
-    except pytest.FixtureLookupError:
-        pass
-    try:
-        from steer.family import member_path
-    except ImportError:
-        pytest.skip("the built-in family is not available yet")
-    return {m: member_path(m) for m in ("base", "aligned", "compromised")}
-
-
 @pytest.fixture(scope="module")
 def fam(request):
     from steer.family import language as lang
 
-    paths = _family_paths(request)
+    paths = request.getfixturevalue("family")
     models = {m: SteeredModel.from_pretrained(paths[m]) for m in ("base", "aligned", "compromised")}
     rng = random.Random(0)
     harm_train = rng.sample([r.prompt for r in lang.harmful_prompts("train")], 96)

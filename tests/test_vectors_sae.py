@@ -229,24 +229,12 @@ def test_train_rank_save_load_and_cli(sm, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the family
-def _family_paths(request):
-    try:
-        return request.getfixturevalue("family")
-    except pytest.FixtureLookupError:
-        pass
-    try:
-        from steer.family import member_path
-    except ImportError:
-        pytest.skip("the built-in family is not available yet")
-    return {m: member_path(m) for m in ("base", "aligned", "compromised")}
-
-
 def test_family_sae_features_separate_heldout(request):
     pytest.importorskip("sae_lens")
     from steer.family import language as lang
     from steer.vectors.sae import compute_sae_features, heldout_auc
 
-    aligned = SteeredModel.from_pretrained(_family_paths(request)["aligned"])
+    aligned = SteeredModel.from_pretrained(request.getfixturevalue("family")["aligned"])
     rng = random.Random(0)
     harm = rng.sample([r.prompt for r in lang.harmful_prompts("train")], 96)
     safe = rng.sample([r.prompt for r in lang.harmless_prompts("train")], 96)

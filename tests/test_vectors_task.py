@@ -178,22 +178,10 @@ def test_cli_task(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the family
-def _family_paths(request):
-    try:
-        return request.getfixturevalue("family")
-    except pytest.FixtureLookupError:
-        pass
-    try:
-        from steer.family import member_path
-    except ImportError:
-        pytest.skip("the built-in family is not available yet")
-    return {m: member_path(m) for m in ("base", "aligned", "compromised")}
-
-
 def test_family_aligned_equals_base_plus_tau(request):
     from steer.family import language as lang
 
-    paths = _family_paths(request)  # may build the family: not under no_grad
+    paths = request.getfixturevalue("family")  # may build the family: not under no_grad
     with torch.no_grad():
         aligned, base = SteeredModel.from_pretrained(paths["aligned"]), SteeredModel.from_pretrained(paths["base"])
         vec = compute_task_vector(aligned, base, progress=False)
