@@ -146,7 +146,8 @@ def evaluate(sm, *, vector: SteeringVector | None = None, alphas: Sequence[float
                               fix="pass the vector to evaluate")
         plan = [(None, [0.0])]
     else:
-        alphas = [check_alpha(a) for a in (alphas if alphas is not None else [vector.recommended.get("alpha", 1.0)])]
+        alphas = list(dict.fromkeys(check_alpha(a) for a in (alphas if alphas is not None
+                                                              else [vector.recommended.get("alpha", 1.0)])))
         if vector.kind == "task":  # task vectors change weights, not layers' activations
             sets = [None]
         else:

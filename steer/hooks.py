@@ -67,7 +67,7 @@ class Steering:
         fp = fingerprint(model, layers_path)
         vector.check_model(fp, check_architecture=check_architecture)
         rec = vector.recommended
-        mode = config.mode or rec.get("mode") or "add"
+        mode = config.mode or rec.get("mode") or vector.meta.get("op") or "add"
         base_op = vector.meta.get("op", "add")
         self.op = (base_op if base_op != "conditional" else "add") if mode == "conditional" else mode
         self.scope = config.scope or rec.get("scope") or vector.meta.get("scope") or "all"
@@ -99,6 +99,9 @@ class Steering:
         shapes = set()
         for layer in self.layers:
             d = self._pick_direction(vector, layer, source).reshape(-1, fp["hidden_size"]).float()
+            if self.op != "add" and bool((d.norm(dim=-1) == 0).any()):
+                raise ConfigError(f"layer {layer}: cannot ablate a zero direction", expected="non-zero directions",
+                                  found="a direction of norm 0", fix="use mode='add' or a non-zero vector")
             if self.op == "add":
                 vecs, j = d, 0
             else:
@@ -228,9 +231,12 @@ class Steering:
             self._fit_rows(batch)
             return None
         past = _past_length(kwargs)
-        self._prefill = past == 0
-        if self._prefill:
+        # a new request starts at cache length 0; with a known prompt length (SteeredModel.generate) a longer
+        # uncached step (use_cache=False re-feeds prompt + generated tokens) is not a new prefill
+        self._prefill = past == 0 and (self.prompt_length is None or seq <= self.prompt_length)
+        if past == 0:
             self._prompt_len = self.prompt_length if self.prompt_length is not None else seq
+        if self._prefill:
             attn = kwargs.get("attention_mask")
             self._attn = attn[:, :seq] if isinstance(attn, torch.Tensor) and attn.dim() == 2 else None
             self._fit_rows(batch)

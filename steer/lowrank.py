@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import check_alpha, row_alphas
-from .errors import AlphaError
+from .errors import AlphaError, ConfigError
 from .params import check_task_model, dense_tau, factors, is_conv1d, task_info
 from .vector import SteeringVector
 
@@ -126,6 +126,13 @@ class TaskSteering:
         kind = "embedding" if isinstance(mod, nn.Embedding) else \
             "linear" if isinstance(mod, nn.Linear) or is_conv1d(mod) else "other"
         if kind == "other" or set(attrs) - {"weight", "bias"} or (kind == "embedding" and "bias" in attrs):
+            if kind != "other" or set(attrs) - {"weight", "bias"} or not type(mod).__name__.endswith("Norm"):
+                raise ConfigError(
+                    f"per-request steering cannot apply the task vector to {type(mod).__name__} "
+                    f"({', '.join(sorted(attrs))})",
+                    expected="deltas on Linear / Conv1D / Embedding weights or biases, or on norm weights",
+                    found=f"a delta on a {type(mod).__name__} (its output is not affine in these parameters)",
+                    fix="compute the vector with --exclude for these parameters, or use mode='merged'")
             self._handles.append(mod.register_forward_hook(self._affine_hook(mod, attrs, vector, slot),
                                                            with_kwargs=True))
             return
@@ -201,9 +208,17 @@ class TaskSteering:
             p = getattr(mod, attr)
             steered[attr] = (p.detach().float() + dense_tau(vector, name).to(p.device)).to(p.dtype)
 
+        busy = [False]  # functional_call goes through module.__call__, which would fire this hook again
+
         def hook(module, args, kwargs, out):
+            if busy[0]:
+                return None
             h = out if isinstance(out, torch.Tensor) else out[0]
-            alt = torch.func.functional_call(module, steered, args, kwargs)
+            busy[0] = True
+            try:
+                alt = torch.func.functional_call(module, steered, args, kwargs)
+            finally:
+                busy[0] = False
             alt = alt if isinstance(alt, torch.Tensor) else alt[0]
             c = coefs[slot]
             y = h + (alt - h).reshape(c.shape[0], -1, h.shape[-1]).mul_(c).view(h.shape)

@@ -89,6 +89,15 @@ class SteeredModel:
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if device is not None:
+            try:
+                dev = torch.device(device)
+            except (RuntimeError, TypeError):
+                raise ModelLoadError("unknown device", expected="cpu, cuda, cuda:1, mps, ...", found=repr(device),
+                                     fix="pass a torch device string") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ModelLoadError("CUDA was asked for but is not available", expected="a CUDA device",
+                                     found="torch without a usable GPU", fix="pass --device cpu (or install CUDA torch)")
         path = resolve_model_path(name)
         if dtype is None:
             dtype = torch.float32 if (device in (None, "cpu") and device_map is None) else "auto"

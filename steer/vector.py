@@ -72,7 +72,7 @@ class SteeringVector:
         dims = set()
         clean = {}
         for layer, vec in self.directions.items():
-            if not isinstance(vec, torch.Tensor) or vec.dim() not in (1, 2):
+            if not isinstance(vec, torch.Tensor) or vec.dim() not in (1, 2) or vec.numel() == 0:
                 raise VectorFileError(
                     f"direction for layer {layer} has the wrong shape",
                     expected="a tensor of shape [d] or [k, d]",
@@ -100,7 +100,48 @@ class SteeringVector:
                 "site": "output", "scope": "all"}
         meta.update(self.meta or {})
         self.meta = meta
+        self._check_meta()
         self.meta["norms"] = {str(k): round(float(v.norm(dim=-1).max()), 6) for k, v in self.directions.items()}
+
+    def _check_meta(self) -> None:
+        """Metadata values a loader would act on must be known ones (a file is data, not instructions)."""
+        m = self.meta
+
+        def bad(key, expected, found):
+            raise VectorFileError(f"vector metadata {key} is invalid", expected=expected, found=repr(found),
+                                  fix="re-save the vector with steer (or fix the metadata)")
+
+        for key, allowed in (("kind", KINDS), ("op", OPS), ("site", SITES), ("scope", SCOPES)):
+            if m.get(key) not in allowed:
+                bad(key, " | ".join(allowed), m.get(key))
+        rec = m.get("recommended")
+        if rec is not None:
+            if not isinstance(rec, dict):
+                bad("recommended", "an object", rec)
+            if rec.get("mode") not in (None, *OPS, "conditional", "merged", "merge", "per_request"):
+                bad("recommended.mode", "add | ablate | ablate_add | conditional | merged | per_request", rec["mode"])
+            if rec.get("scope") not in (None, *SCOPES):
+                bad("recommended.scope", " | ".join(SCOPES), rec["scope"])
+            layers = rec.get("layers")
+            if layers is not None and (not isinstance(layers, list) or not all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in layers)):
+                bad("recommended.layers", "a list of layer indices", layers)
+            a = rec.get("alpha")
+            if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a)):
+                bad("recommended.alpha", "a finite number", a)
+        cond = m.get("condition")
+        if cond is not None:
+            if not isinstance(cond, dict) or not isinstance(cond.get("layer"), int) or isinstance(
+                    cond.get("threshold"), bool) or not isinstance(cond.get("threshold"), (int, float)) \
+                    or not math.isfinite(cond["threshold"]):
+                bad("condition", "{layer: int, threshold: finite number, ...}", cond)
+            if cond.get("reduce", "last") not in ("last", "mean") or cond.get("comparator", ">") not in (">", "<"):
+                bad("condition", "reduce last|mean and comparator > or <", cond)
+            c = self.condition_direction
+            if c is None or c.dim() != 1 or (self.hidden_size is not None and c.shape[0] != self.hidden_size) \
+                    or not torch.isfinite(c).all() or float(c.float().norm()) == 0.0:
+                bad("condition.direction", "a finite non-zero [d] tensor beside the condition",
+                    None if c is None else tuple(c.shape))
 
     # ------------------------------------------------------------------ properties
     @property

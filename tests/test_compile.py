@@ -16,6 +16,7 @@ from tiny_models import tiny_model
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 @torch.no_grad()
 def test_compiled_model_with_steering_matches_eager():
     torch._dynamo.reset()

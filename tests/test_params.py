@@ -154,3 +154,35 @@ def test_mixed_alpha_with_activation_steering():
             assert (got[i] - model(ids[i:i + 1]).logits[0]).abs().max() <= 1e-5
             assert torch.equal(gen[i], model.generate(ids[i:i + 1], max_new_tokens=5, do_sample=False,
                                                       pad_token_id=0)[0])
+
+
+def test_per_request_norm_deltas_and_non_affine_modules():
+    """A τ touching norm weights is applied exactly per row (norm outputs are affine in their weight); a τ on a
+    module whose output is not affine in it (an MoE router) is refused before any hook is attached."""
+    from steer.errors import ConfigError
+    from steer.lowrank import TaskSteering
+    from steer.params import MergedTaskSteering
+    from steer.vectors.task import compute_task_vector
+
+    base = tiny_model("llama")
+    tuned = tiny_model("llama")
+    with torch.no_grad():
+        tuned.model.norm.weight.add_(0.1)
+        tuned.model.layers[1].input_layernorm.weight.mul_(1.5)
+        tuned.model.layers[1].mlp.down_proj.weight.add_(0.01)
+    tv = compute_task_vector(tuned, base, progress=False)
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with TaskSteering(base, tv, 0.5) as t:
+            t.set_alphas([0.5, 0.0])
+            per_row = base(ids).logits
+        with MergedTaskSteering(base, tv, 0.5):
+            merged = base(ids).logits
+        plain = base(ids).logits
+    torch.testing.assert_close(per_row[0], merged[0], atol=1e-5, rtol=0)
+    assert torch.equal(per_row[1], plain[1])
+    moe, moe2 = tiny_model("mixtral"), tiny_model("mixtral", seed=5)
+    tv_moe = compute_task_vector(moe2, moe, progress=False)
+    with pytest.raises(ConfigError, match="not affine"):
+        TaskSteering(moe, tv_moe, 1.0)
+    assert not any(m._forward_hooks for m in moe.modules()) and not moe._forward_pre_hooks

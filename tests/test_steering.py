@@ -240,3 +240,16 @@ def test_collect_activations_match_hidden_states(sm):
     k = post_instruction_length(sm.tokenizer)
     assert k == 2  # the tiny template puts 'w5 w6' after the user text
     assert collect(sm, prompts, layers=[1], positions=3).shape == (2, 1, 3, D)
+
+
+def test_uncached_generation_holds_the_gate_and_scope(sm, vec):
+    """With use_cache=False every step re-feeds prompt + generated tokens; the gate and the scope must still
+    follow the prompt length SteeredModel.generate sets, giving the cached result."""
+    prompts = ["w7 w8 w9", "w10 w11 w12 w13 w14"]
+    cdir = torch.randn(D)
+    cond = Condition(layer=1, direction=cdir, threshold=0.0)
+    kw = dict(vector=vec, alphas=2.0, layers=[2], condition=cond, max_new_tokens=5)
+    for scope in ("all", "generated"):
+        cached = sm.generate(prompts, scope=scope, **kw)
+        uncached = sm.generate(prompts, scope=scope, use_cache=False, **kw)
+        assert cached == uncached, scope

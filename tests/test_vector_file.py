@@ -115,3 +115,28 @@ def test_garbage_missing_and_foreign_files(tmp_path):
               metadata={"steer": json.dumps({"format": "steer.vector", "format_version": 1})})
     with pytest.raises(VectorFileError, match="unknown tensor"):
         SteeringVector.load(odd)
+
+
+@pytest.mark.parametrize("meta", [{"scope": "bogus"}, {"site": "middle"}, {"op": "rm -rf"}, {"kind": "x"},
+                                  {"recommended": {"mode": "bogus"}}, {"recommended": {"alpha": float("nan")}},
+                                  {"recommended": {"layers": "2"}}, {"condition": {"layer": 1}}])
+def test_invalid_metadata_values_rejected(meta, tmp_path):
+    with pytest.raises(VectorFileError, match="metadata"):
+        SteeringVector({1: torch.ones(D)}, meta)
+    ok = SteeringVector({1: torch.ones(D)}).save(tmp_path / "ok.safetensors")  # the same values from a file
+    from safetensors.torch import load_file, save_file
+
+    raw = json.loads(__import__("safetensors").safe_open(str(ok), "pt").metadata()["steer"])
+    raw.update(meta)
+    save_file(load_file(str(ok)), str(tmp_path / "bad.safetensors"), metadata={"steer": json.dumps(raw)})
+    with pytest.raises(VectorFileError, match="metadata"):
+        SteeringVector.load(tmp_path / "bad.safetensors")
+
+
+def test_file_op_is_the_default_mode_and_zero_directions_cannot_be_ablated():
+    sm = SteeredModel(tiny_model("llama"))
+    with sm.steer(SteeringVector({1: torch.ones(D)}, {"op": "ablate"})) as h:
+        assert h.op == "ablate"
+    with pytest.raises(Exception, match="zero direction"):
+        sm.steer(SteeringVector({1: torch.zeros(D)}), mode="ablate")
+    assert not sm.model._forward_pre_hooks

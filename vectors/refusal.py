@@ -147,6 +147,7 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
         sel.update(alpha_sweep=sweep, alpha_target=alpha_target,
                    judge=getattr(judge, "describe", lambda: {"name": repr(judge)})())
     else:
+        add_scope = "all" if add_scope == "auto" else add_scope  # nothing measured: Arditi et al.'s default
         norms = {l: float(directions[l].norm() / last_s[:, layers.index(l)].norm(dim=-1).mean().clamp_min(1e-12))
                  for l in cands}
         best, alpha = max(cands, key=lambda l: norms[l]), 1.0

@@ -156,6 +156,8 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
                 i = seen.index(best.alpha)
                 lo = seen[i - 1] if i > 0 else best.alpha - (seen[1] - seen[0] if len(seen) > 1 else 0.5)
                 hi = seen[i + 1] if i + 1 < len(seen) else best.alpha + (seen[-1] - seen[-2] if len(seen) > 1 else 0.5)
+                if min(grid) >= 0:  # a non-negative grid means the sign is known: never bracket below 0
+                    lo = max(lo, 0.0)
                 new = [round(x, 4) for x in torch.linspace(lo, hi, 5).tolist()[1:-1] if round(x, 4) not in seen]
                 if not new:
                     break
