@@ -90,8 +90,11 @@ def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int 
     console.print(f"chosen: layers {b['layers']} α {b['alpha']:g} (tuning prompts: harmful refusal "
                   f"{100 * b['harmful_refusal']:.1f}%, harmless {100 * b['harmless_refusal']:.1f}%)")
 
-    if sae_vec is not None:
+    if sae_vec is not None:  # the same gate as the refusal direction: any vector can be steered conditionally
+        sae_vec.meta["condition"] = dict(refusal.condition)
+        sae_vec.condition_direction = refusal.condition_direction
         sae_vec, sae_summary = tune(comp, sae_vec, tune_h, tune_s, alphas=[0.0, 1.0, 2.0, 4.0, 8.0, 16.0],
+                                    modes=("conditional",), auto=True,
                                     bounds=TuneBounds(max_over_refusal=0.02, max_kl=1.0), progress=False)
         sae_vec.save(out / "sae-feature-tuned.safetensors")
         console.print(f"SAE feature: chosen α {sae_summary['best']['alpha']:g} (tuning prompts: harmful refusal "
@@ -121,7 +124,7 @@ def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int 
     with apply_task_vector(comp.model, task, 1.0):
         rows["compromised + task vector (α=1)"] = report_to_json(evaluate(comp, **kw))["configs"][0]["metrics"]
     if sae_vec is not None:
-        rows[f"compromised + SAE feature (α={sae_vec.recommended['alpha']:g})"] = report_to_json(
+        rows[f"compromised + SAE feature, gated (α={sae_vec.recommended['alpha']:g})"] = report_to_json(
             evaluate(comp, vector=sae_vec, **kw))["configs"][0]["metrics"]
     summary_rows = {name: _summary(m) for name, m in rows.items()}
     table = Table(title="held-out built-in suite")
@@ -177,7 +180,7 @@ def _plot_rows(summary_rows: dict, path: Path) -> None:
     names = list(summary_rows)
     x = np.arange(len(keys))
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(12, 4.8))
+    fig, ax = plt.subplots(figsize=(12, 5.6))
     for i, name in enumerate(names):
         vals = [100 * summary_rows[name].get(k, float("nan")) for k in keys]
         ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=name)
@@ -186,7 +189,7 @@ def _plot_rows(summary_rows: dict, path: Path) -> None:
     ax.set_ylabel("% of held-out prompts")
     ax.set_ylim(0, 105)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.set_title("steer demo: held-out built-in suite (jailbreak / prefill = mean refusal over attack families)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -186,32 +186,49 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
 
 
 def plot_front(summary: dict, path) -> None:
-    """Harmful refusal vs harmless refusal for every swept config, coloured by KL; best point marked."""
+    """Left: harmful vs harmless refusal of every swept config, coloured by KL, best point marked.
+    Right: harmful refusal against α, one line per (mode, layers) — where the working range starts and ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pts = summary["points"]
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5))
     sc = ax.scatter([100 * p["harmless_refusal"] for p in pts], [100 * p["harmful_refusal"] for p in pts],
                     c=[p["kl"] for p in pts], cmap="viridis", s=40, edgecolors="k", linewidths=0.3)
     front = sorted(summary["front"], key=lambda p: p["harmless_refusal"])
     ax.plot([100 * p["harmless_refusal"] for p in front], [100 * p["harmful_refusal"] for p in front], "--",
             color="grey", lw=1, label="Pareto front")
     b = summary["best"]
+    label = f"chosen: {b['mode']} L{','.join(map(str, b['layers'] or []))} α={b['alpha']:g}"
     ax.scatter([100 * b["harmless_refusal"]], [100 * b["harmful_refusal"]], marker="*", s=300, color="red",
-               label=f"chosen: {b['mode']} L{','.join(map(str, b['layers'] or []))} α={b['alpha']:g}")
+               label=label)
     bound = summary["bounds"]["max_over_refusal"] * 100
     ax.axvline(bound, color="red", lw=0.8, ls=":", label=f"over-refusal bound {bound:g}%")
-    fig.colorbar(sc, label="KL to unsteered (nats)")
+    fig.colorbar(sc, ax=ax, label="KL to unsteered (nats)")
     ax.set_xlabel("refusal on harmless prompts (%)")
     ax.set_ylabel("refusal on harmful prompts (%)")
     ax.set_xlim(-3, 103)
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("steer tune: every swept configuration")
+    ax.set_title("every swept configuration")
+    groups: dict = {}
+    for p in pts:
+        groups.setdefault(f"{p['mode']} L{','.join(map(str, p['layers'] or []))}", []).append(p)
+    for name, ps in groups.items():
+        ps = sorted(ps, key=lambda p: p["alpha"])
+        line, = ax2.plot([p["alpha"] for p in ps], [100 * p["harmful_refusal"] for p in ps], marker="o", label=name)
+        ax2.plot([p["alpha"] for p in ps], [100 * p["harmless_refusal"] for p in ps], ls=":", color=line.get_color())
+    ax2.scatter([b["alpha"]], [100 * b["harmful_refusal"]], marker="*", s=300, color="red", zorder=5)
+    ax2.set_xlabel("α (steering strength)")
+    ax2.set_ylabel("refusal (%): solid harmful, dotted harmless")
+    ax2.set_ylim(-3, 103)
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    ax2.set_title("refusal against α")
+    fig.suptitle("steer tune")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
