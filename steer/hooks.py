@@ -23,6 +23,7 @@ from steer.kernels import steer_
 
 from .config import Condition, SteeringConfig, check_alpha, row_alphas
 from .errors import AlphaError, ConfigError, LayerError
+from .handle import HookSet
 from .layers import check_layers, fingerprint, get_layers
 from .vector import SteeringVector
 
@@ -53,7 +54,7 @@ def _replace_hidden(output, h):
     return (h, *output[1:])
 
 
-class Steering:
+class Steering(HookSet):
     """A live steering intervention on ``model``; use as a context manager or call :meth:`remove`.
 
     Prefer :meth:`steer.SteeredModel.steer`; this class is the mechanism underneath.
@@ -319,21 +320,6 @@ class Steering:
         return hook
 
     # ------------------------------------------------------------------ lifetime
-    def remove(self) -> None:
-        """Detach every hook (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
-
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
-    def __enter__(self) -> "Steering":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
     def __repr__(self) -> str:
         return (f"Steering(op={self.op!r}, layers={self.layers}, alpha={self.alpha}, scope={self.scope!r}, "
                 f"site={self.site!r}, conditional={self.condition is not None}, active={self.active})")

@@ -32,6 +32,7 @@ from torch import nn
 
 from .config import check_alpha, row_alphas
 from .errors import AlphaError, ConfigError
+from .handle import HookSet
 from .params import check_task_model, dense_tau, factors, is_conv1d, task_info
 from .vector import SteeringVector
 
@@ -44,7 +45,7 @@ def _first_tensor(args, kwargs):
     return args[0] if args and isinstance(args[0], torch.Tensor) else None
 
 
-class TaskSteering:
+class TaskSteering(HookSet):
     """Per-request task-vector steering through forward hooks (see module docstring).
 
     Context manager; :meth:`set_alphas` takes one α per batch row (or a float for all rows).
@@ -227,21 +228,8 @@ class TaskSteering:
         return hook
 
     # ------------------------------------------------------------------ lifetime
-    def remove(self) -> None:
-        """Detach every hook (idempotent). The weights were never touched."""
-        while self._handles:
-            self._handles.pop().remove()
-
-    restore = remove
-
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
-    def __enter__(self) -> "TaskSteering":
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
+        """Same as :meth:`remove`: the weights were never touched (the name merged mode also has)."""
         self.remove()
 
     def __repr__(self) -> str:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import AlphaError, ConfigError, VectorFileError
+from .handle import HookSet
 from .layers import check_layers, fingerprint, get_layers
 from .vector import SteeringVector
 
@@ -135,7 +136,7 @@ def _hidden(output):
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-class FeatureClamp:
+class FeatureClamp(HookSet):
     """Live clamp hooks; a context manager. Hooks are removed on exit, also on errors."""
 
     def __init__(self, model: nn.Module, sae: SAEWeights, features, value, *, layers, site: str = "output",
@@ -232,20 +233,6 @@ class FeatureClamp:
         return args, kwargs
 
     # ------------------------------------------------------------------ lifetime
-    def remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
-    def __enter__(self) -> "FeatureClamp":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
     def __repr__(self) -> str:
         return f"FeatureClamp(features={self.features}, layers={self.layers}, site={self.site!r}, active={self.active})"
 

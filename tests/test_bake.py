@@ -4,7 +4,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import steer.kernels as K
 from steer import SteeredModel, SteeringVector
 from steer.bake import runtime_ablation, writer_modules
 from steer.cli import app
@@ -18,13 +17,7 @@ from tiny_models import D, L, save_tiny, tiny_model
 IDS = torch.randint(3, 90, (3, 9), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def exact_and_one_thread():
-    old, prev = torch.get_num_threads(), K.use("reference")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-    K.use(prev)
+pytestmark = pytest.mark.usefixtures("exact_and_one_thread")
 
 
 def _bake(tmp_path, src, vec_path, *extra):

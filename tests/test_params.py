@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import steer.kernels as K
 from steer import SteeredModel, SteeringVector
 from steer.errors import AlphaError, ConfigError
 from steer.lowrank import TaskSteering
@@ -14,13 +13,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 ALPHAS = [0.0, 0.5, -1.0, 2.0]
 
 
-@pytest.fixture(autouse=True)
-def exact_and_one_thread():
-    old, prev = torch.get_num_threads(), K.use("reference")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-    K.use(prev)
+pytestmark = pytest.mark.usefixtures("exact_and_one_thread")
 
 
 def _snap(model):
