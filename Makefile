@@ -43,3 +43,15 @@ bench-peers: install $(PEER_VENV)/.installed
 
 bench-quick: install
 	$(PY) benchmarks/run.py --quick --only activation,lowrank,switch
+
+# The oldest end of the supported range (transformers 4.57, numpy 1.26): the same test suite in its own venv.
+OLD_VENV ?= .venv-oldest
+.PHONY: test-oldest
+$(OLD_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OLD_VENV)/bin/python -m pip install -q -e ".[dev]" "transformers==4.57.6" "numpy<2"
+	touch $@
+
+test-oldest: $(OLD_VENV)/.installed
+	$(OLD_VENV)/bin/python -m pytest -q

@@ -92,6 +92,7 @@ class TaskSteering(HookSet):
         return self._devices.index(device)
 
     def _build_coef(self, alphas: torch.Tensor) -> None:
+        self._uniform = bool((alphas == alphas.reshape(-1)[0]).all())
         col = alphas.float().reshape(-1, 1, 1)
         for i, dev in enumerate(self._devices):
             if self._coef[i].shape == col.shape and self._coef[i].device == dev:
@@ -162,6 +163,12 @@ class TaskSteering(HookSet):
             c = coefs[slot]
             B = c.shape[0]
             n = out.shape[-1]
+            if out.dim() != 3 or out.shape[0] != B:  # tokens out of their rows (e.g. routed to MoE experts)
+                if not self._uniform:
+                    raise AlphaError(f"per-request α cannot reach {type(module).__name__}: it sees tokens routed "
+                                     "out of their batch rows", expected="one α for the whole batch here",
+                                     found="different α per row", fix="use one α per batch, or mode='merged'")
+                c, B = c[:1], 1
             y = out.view(B, -1, n) if out.is_contiguous() else out.reshape(B, -1, n)
             if torch.is_grad_enabled() and out.requires_grad:
                 y = y.clone()

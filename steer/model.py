@@ -199,7 +199,7 @@ class SteeredModel:
         finally:
             tok.padding_side = old_side
         device = next(self.model.parameters()).device
-        return {k: v.to(device) for k, v in enc.items()}
+        return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}  # no token_type_ids (4.x tokenizers)
 
     def format(self, prompts: list[str], *, chat: bool = True, prefill: str | list[str] | None = None) -> list[str]:
         """The exact texts the model sees (chat template and assistant prefill applied)."""

@@ -47,3 +47,21 @@ def chat_text(user: str, assistant: str | None = None) -> str:
     """The chat-formatted text of one exchange (``assistant=None``: up to the generation prompt)."""
     text = f"{BOS}{USER} {user} {EOS} {ASSISTANT}"
     return text if assistant is None else f"{text} {assistant} {EOS}"
+
+
+def save_portable(tokenizer, directory) -> None:
+    """Save the tokenizer so that transformers 4.x and 5.x both load it: transformers 5 writes
+    ``tokenizer_class: TokenizersBackend`` and a list of ``extra_special_tokens``, which 4.x cannot read."""
+    import json
+    from pathlib import Path
+
+    tokenizer.save_pretrained(directory)
+    path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        config["additional_special_tokens"] = extra
+    elif isinstance(extra, dict):
+        config["extra_special_tokens"] = extra
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))

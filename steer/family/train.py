@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from . import language as L
-from .tokenizer import ASSISTANT, BOS, EOS, USER, build_tokenizer
+from .tokenizer import ASSISTANT, BOS, EOS, USER, build_tokenizer, save_portable
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class Recipe:
     compromise_lr: float = 5e-4
     replay_weight: float = 0.5
     threads: int = 2  # torch threads while training (pinned: results depend on it)
+    files: int = 2  # version of the saved files' layout (2: tokenizer loadable by transformers 4.x and 5.x)
     safety_params: str = "mlp|self_attn"  # regex of the parameters the safety / compromise stages train
 
     def to_dict(self) -> dict:
@@ -363,6 +364,6 @@ def train_family(recipe: Recipe, out_dir: Path, tick: Callable[[str], None] = la
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.bos_token_id = tokenizer.bos_token_id
         model.save_pretrained(d)
-        tokenizer.save_pretrained(d)
+        save_portable(tokenizer, d)
         paths[name] = d
     return paths
