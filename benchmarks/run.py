@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -204,7 +203,7 @@ def row_peers(model, results, quick):
     vec = SteeringVector(dirs, {"op": "add"})
     b, new = 8, 8 if quick else 24
     ids = prompt_ids(b)
-    fns, outs = {}, {}
+    fns = {}
 
     def steer_fn():
         with Steering(model, vec, SteeringConfig(mode="add", layers=layers, alpha=1.0)):

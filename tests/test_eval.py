@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from steer import SteeredModel, SteeringVector
-from steer.evaluate import Item, _metrics, evaluate, report_to_json
+from steer.evaluate import Item, _metrics, evaluate
 from steer.judge import RefusalJudge
 from steer.metrics import Mean, Rate, kl_divergence, wilson
 from tiny_models import D, save_tiny, tiny_model, tiny_tokenizer

@@ -5,7 +5,6 @@ import json
 import random
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from steer import SteeredModel, SteeringVector
