@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import check_alpha
+from .config import check_alpha, row_alphas
 from .errors import AlphaError, ModelMismatchError, VectorFileError
 from .layers import fingerprint
 from .vector import SteeringVector
@@ -160,11 +160,8 @@ class MergedTaskSteering:
         self._applied = True
 
     def set_alphas(self, alphas) -> None:
-        values = [alphas] if isinstance(alphas, (int, float)) else [float(a) for a in
-                                                                    (alphas.reshape(-1).tolist()
-                                                                     if isinstance(alphas, torch.Tensor)
-                                                                     else alphas)]
-        if not values or any(v != values[0] for v in values):
+        values = row_alphas(alphas).tolist()
+        if any(v != values[0] for v in values):
             raise AlphaError("merged mode applies one alpha to the whole batch", expected="equal alphas",
                              found=str(values[:8]), fix="use the per-request mode (mode=None) for mixed alphas")
         if values[0] != self.alpha or not self._applied:

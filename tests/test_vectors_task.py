@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 from steer import SteeredModel, SteeringVector
 from steer.cli import app
 from steer.errors import AlphaError, ModelMismatchError, VectorFileError
-from steer.vectors.task import apply_task_vector, compute_task_vector, dense_delta, low_rank, unique_parameters
+from steer.params import dense_tau
+from steer.vectors.task import apply_task_vector, compute_task_vector, low_rank, unique_parameters
 from tiny_models import tiny_model, tiny_tokenizer
 
 
@@ -78,7 +79,7 @@ def test_low_rank_factors_match_svd(arch):
         ref = u[:, :3] @ torch.diag(s[:3]) @ vh[:3]
         assert torch.allclose(up @ down, ref, atol=1e-5)
         assert info["energy"] == pytest.approx(float(s[:3].pow(2).sum() / s.pow(2).sum()), abs=1e-5)
-        assert torch.allclose(dense_delta(vec, name), ref.T if info["conv1d"] else ref, atol=1e-5)
+        assert torch.allclose(dense_tau(vec, name), ref.T if info["conv1d"] else ref, atol=1e-5)
 
 
 @torch.no_grad()

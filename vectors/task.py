@@ -31,10 +31,9 @@ import re
 import torch
 from torch import nn
 
-from steer.errors import AlphaError, ModelMismatchError, VectorFileError
+from steer.errors import ModelMismatchError, VectorFileError
+from steer.params import PREFIX, MergedTaskSteering, is_conv1d, task_info
 from steer.vector import SteeringVector
-
-PREFIX = "task."
 
 
 # ------------------------------------------------------------------------------------------ parameters
@@ -55,19 +54,10 @@ def unique_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def _aliases(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every name (tied duplicates included) -> parameter."""
-    return dict(model.named_parameters(remove_duplicate=False))
-
-
 def conv1d_params(model: nn.Module) -> set[str]:
     """Names of GPT-2 style ``Conv1D`` weights (stored [in, out])."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return set()
     return {f"{mod_name}.weight" if mod_name else "weight" for mod_name, mod in model.named_modules()
-            if isinstance(mod, Conv1D)}
+            if is_conv1d(mod)}
 
 
 def _select(names, include: str | None, exclude: str | None) -> list[str]:
@@ -197,96 +187,13 @@ def compute_task_vector(aligned_model, base_model, *, include: str | None = None
 
 
 # ------------------------------------------------------------------------------------------ apply
-def task_params(vector: SteeringVector) -> dict:
-    info = (vector.meta.get("task") or {}).get("params")
-    if vector.kind != "task" or not isinstance(info, dict):
-        raise VectorFileError("not a task vector", expected="a vector of kind 'task' (steer vectors task)",
-                              found=f"kind {vector.kind!r}", fix="pass a file made by `steer vectors task`")
-    return info
-
-
-def dense_delta(vector: SteeringVector, name: str) -> torch.Tensor:
-    """The float32 delta of parameter ``name`` in the parameter's own layout (low-rank factors multiplied)."""
-    info = task_params(vector)[name]
-    if f"{PREFIX}{name}" in vector.extra:
-        return vector.extra[f"{PREFIX}{name}"].float()
-    try:
-        up, down = vector.extra[f"{PREFIX}{name}.up"].float(), vector.extra[f"{PREFIX}{name}.down"].float()
-    except KeyError:
-        raise VectorFileError(f"task vector lacks the tensors of {name}", expected=f"extra.{PREFIX}{name} or "
-                              ".up/.down", found="neither", fix="recompute the vector") from None
-    d = up @ down
-    return d.T if info.get("conv1d") else d
-
-
-def check_task_params(vector: SteeringVector, model: nn.Module) -> dict[str, nn.Parameter]:
-    """Verify the vector's parameter names and shapes against ``model``; return name -> parameter."""
-    from steer.layers import fingerprint
-
-    info = task_params(vector)
-    vector.check_model(fingerprint(model), model=model)
-    params = _aliases(model)
-    conv = conv1d_params(model)
-    flip = [n for n, i in info.items() if bool(i.get("conv1d")) != (n in conv)]
-    if flip:
-        raise ModelMismatchError(f"parameter {flip[0]} has another layout (Conv1D vs Linear)",
-                                 expected="conv1d=" + str(info[flip[0]].get("conv1d")), found="the opposite",
-                                 fix="apply the vector to the architecture it was computed on")
-    return {n: params[n] for n in info}
-
-
-class TaskVectorApplication:
-    """Weights θ₀ + α·τ while active; the original tensors are restored bit-exactly (from a copy)."""
-
-    def __init__(self, model, vector: SteeringVector, alpha: float = 1.0):
-        from steer.config import check_alpha
-
-        self.model = _unwrap(model)
-        self.alpha = check_alpha(alpha)
-        params = check_task_params(vector, self.model)
-        self._saved: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
-        new: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for name, p in params.items():  # build everything first: nothing is touched on failure
-                value = p.detach().float() + self.alpha * dense_delta(vector, name).to(p.device)
-                value = value.to(p.dtype)
-                if not torch.isfinite(value).all():
-                    raise AlphaError(f"alpha={self.alpha} makes parameter {name} non-finite",
-                                     expected="finite weights", found="inf or NaN after θ + α·τ",
-                                     fix="use a smaller |alpha|")
-                new[name] = value
-            try:
-                for name, p in params.items():
-                    self._saved[name] = (p, p.detach().clone())
-                    p.copy_(new[name])
-            except BaseException:
-                self.restore()
-                raise
-
-    def restore(self) -> None:
-        """Put the original tensors back (idempotent)."""
-        with torch.no_grad():
-            while self._saved:
-                _, (p, orig) = self._saved.popitem()
-                p.copy_(orig)
-
-    @property
-    def active(self) -> bool:
-        return bool(self._saved)
-
-    def __enter__(self) -> "TaskVectorApplication":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
-
-
-def apply_task_vector(model, vector: SteeringVector, alpha: float = 1.0) -> TaskVectorApplication:
+def apply_task_vector(model, vector: SteeringVector, alpha: float = 1.0) -> MergedTaskSteering:
     """Add α·τ to ``model``'s weights now; use as ``with apply_task_vector(m, v, 1.0): ...`` to restore.
 
-    Validation (names, shapes, layout, finiteness) happens before any weight changes.
+    This is the runtime's merged mode (:class:`steer.params.MergedTaskSteering`): names, shapes, layout and
+    finiteness are checked before any weight changes, and θ₀ is restored bit-exactly from a saved copy.
     """
-    return TaskVectorApplication(model, vector, alpha)
+    return MergedTaskSteering(_unwrap(model), vector, alpha)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -294,7 +201,7 @@ def energy_table(vector: SteeringVector, max_rows: int = 60):
     """A rich Table: parameter, shape, kept entries, rank, retained energy, ‖τ‖."""
     from rich.table import Table
 
-    info = task_params(vector)
+    info = task_info(vector)
     t = vector.meta["task"]
     title = f"task vector ({t.get('role')}): {len(info)} tensors" + (f", rank {t['rank']}" if t.get("rank") else "")
     table = Table(title=title)
