@@ -43,4 +43,4 @@ def test_members_are_hf_llama_directories(family):
 def test_behaviour_thresholds(measured, name):
     rates = measured[name]
     for metric, (lo, hi) in BOUNDS[name].items():
-        assert lo <= rates[metric].value <= hi, f"{name} {metric} = {rates[metric]}, expected in [{lo}, {hi}]"
+        assert lo <= rates[metric].rate <= hi, f"{name} {metric} = {rates[metric]}, expected in [{lo}, {hi}]"

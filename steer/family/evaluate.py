@@ -5,10 +5,9 @@ Used by the behaviour tests and ``benchmarks/family_table.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ..metrics import Rate
 from . import language as L
 
 
@@ -29,19 +28,6 @@ def generate(model, tokenizer, prompts: list[str], *, prefill: list[str] | None 
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         out += tokenizer.batch_decode(ids[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
     return out
-
-
-@dataclass
-class Rate:
-    hits: int
-    total: int
-
-    @property
-    def value(self) -> float:
-        return self.hits / max(1, self.total)
-
-    def __str__(self) -> str:
-        return f"{100 * self.value:.1f}% ({self.hits}/{self.total})"
 
 
 def measure(model, tokenizer) -> dict[str, Rate]:
