@@ -3,7 +3,7 @@
     python benchmarks/decode_breakdown.py
 
 Same ~135M Llama shape as benchmarks/run.py (30 layers, hidden 576, random weights), B=1, 32 new tokens,
-greedy HF generate; variants interleaved, 5 repetitions, medians.
+greedy HF generate; variants interleaved, REPS repetitions, medians (this VM is noisy: use many).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from steer import SteeringVector
 from steer.config import SteeringConfig
 from steer.hooks import Steering
 
-LAYERS, NEW = 30, 32
+LAYERS, NEW, REPS = 30, 32, 11
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     names = ("plain", "no-op hooks", "add", "ablate_add")
     times = {n: [] for n in names}
     gen()
-    for _ in range(5):
+    for _ in range(REPS):
         for n in names:
             handles = attach(n)
             t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Per-call cost of the steering op: reference vs fused CPU path (and Triton on CUDA).
+"""Per-call cost of the steering op: reference vs fused CPU path, without and with a Plan (and Triton on CUDA).
 
 Hooks call the op once per steered layer per forward, so at decode (T=1) the per-call
 Python/dispatch overhead dominates. Each implementation is timed per call with
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from steer.kernels.cpu import cpu_steer_
+from steer.kernels.cpu import Plan, cpu_steer_
 from steer.kernels.reference import reference_steer_
 
 SHAPES = [(1, 1), (8, 1), (64, 1), (4, 128)]
@@ -51,18 +51,21 @@ def per_call_us(impls: dict, args, runs: int) -> dict:
 
 
 def cpu_table(args) -> None:
-    impls = {"reference": reference_steer_, "cpu": cpu_steer_}
     print(f"CPU per-call us (median of {args.runs}, interleaved), d={args.d} J={args.J} K={args.K}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'B':>4} {'T':>4} {'dtype':>9} {'mask':>5} {'reference':>10} {'cpu':>8} {'speedup':>8}")
+          f"{torch.get_num_threads()} threads; 'cpu+plan' = what steering hooks call (operands precomputed)")
+    print(f"{'B':>4} {'T':>4} {'dtype':>9} {'mask':>5} {'reference':>10} {'cpu':>8} {'cpu+plan':>9} {'speedup':>8}")
     for B, T in SHAPES:
         for dtype in DTYPES:
             for use_mask in (False, True):
                 h, vecs, coef, mask = make(B, T, args.d, args.J, args.K, dtype)
+                plan = Plan(vecs, args.J).update(coef)
+                impls = {"reference": reference_steer_, "cpu": cpu_steer_,
+                         "plan": lambda *a, plan=plan: cpu_steer_(*a, plan)}
                 call = (h, vecs, coef, args.J, mask if use_mask else None)
                 us = per_call_us(impls, call, args.runs)
                 print(f"{B:>4} {T:>4} {str(dtype)[6:]:>9} {'yes' if use_mask else 'no':>5} "
-                      f"{us['reference']:>10.1f} {us['cpu']:>8.1f} {us['reference'] / us['cpu']:>7.2f}x")
+                      f"{us['reference']:>10.1f} {us['cpu']:>8.1f} {us['plan']:>9.1f} "
+                      f"{us['reference'] / us['plan']:>7.2f}x")
 
 
 def cuda_table(args) -> None:

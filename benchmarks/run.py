@@ -8,13 +8,18 @@ Every row times its variants interleaved (A B A B …) and reports medians and t
 
 Rows (targets in brackets):
   steered_over_unsteered_b1/_b8   decode tokens/s, ablate+add on all 30 layers vs none      [>= 0.97]
-  us_per_layer_step               added µs per steered layer per decode step (B=1)           [<= 20]
+  us_per_layer_step               added µs per steered layer per decode step (B=1; the prompt's
+                                  steering counted in too)                                  [<= 20]
+  attach_remove_ms_30_layers      attaching + removing the 30-layer steering once (left out of the above)
   mixed_alpha_over_uniform_b64    64 rows with 64 distinct α vs one α (same hooks)           [>= 0.95]
   lowrank_param_over_base_b64     per-row rank-16 task vector on every attention/MLP linear  [>= 0.85]
   alpha_switch_over_copy_bandwidth  merged-mode α switch bytes/s (read θ₀ + τ, write θ) over
                                   copy_ bytes/s of the same tensors; bit-exact restore checked [>= 0.75]
   vs_repeng, vs_steering_vectors  steer's tokens/s over the peer's (add, same vector, layers,
                                   batch; greedy outputs checked equal)                       [>= 1.0]
+  gpu_op_bandwidth_over_copy      CUDA only: the Triton op's bytes/s (read + write h, bf16 [64, 2048, 576]) over
+                                  copy_ of the same tensor                                   [>= 0.8]
+  gpu_steered_over_unsteered_b1/_b64  CUDA only: the activation row's ratio on the GPU            [>= 0.97]
 The peers need transformers<5 and numpy<2: `make bench-peers` builds .venv-peers and runs this script
 there (or pass --peer-python .venv-peers/bin/python). Rows whose peer is missing say so.
 """
@@ -35,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"steered_over_unsteered_b1": (">=", 0.97), "steered_over_unsteered_b8": (">=", 0.97),
            "us_per_layer_step": ("<=", 20.0), "mixed_alpha_over_uniform_b64": (">=", 0.95),
            "lowrank_param_over_base_b64": (">=", 0.85), "alpha_switch_over_copy_bandwidth": (">=", 0.75),
-           "vs_repeng": (">=", 1.0), "vs_steering_vectors": (">=", 1.0)}
+           "vs_repeng": (">=", 1.0), "vs_steering_vectors": (">=", 1.0),
+           "gpu_op_bandwidth_over_copy": (">=", 0.8), "gpu_steered_over_unsteered_b1": (">=", 0.97),
+           "gpu_steered_over_unsteered_b64": (">=", 0.97)}
 
 
 def build_model(layers: int = 30):
@@ -62,15 +69,29 @@ def generate(model, ids, new_tokens):
 
 def interleaved(fns: dict, reps: int) -> dict:
     """Median seconds per call of each callable, run round-robin (one warm-up call each)."""
+    return {k: statistics.median(v) for k, v in rounds(fns, reps).items()}
+
+
+def rounds(fns: dict, reps: int) -> dict:
+    """Seconds of each callable in every round, run round-robin after one warm-up call each.
+
+    A callable that returns a float reports its own time (to leave set-up out of it); otherwise the call is
+    timed. Round-robin order makes the per-round pairs comparable on this noisy machine: ratios are taken
+    per round, then the median over rounds.
+    """
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            own = fn()
+            times[k].append(own if isinstance(own, float) else time.perf_counter() - t0)
+    return times
+
+
+def paired_ratio(times: dict, num: str, den: str) -> float:
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def direction(d: int, seed: int = 1) -> torch.Tensor:
@@ -86,35 +107,48 @@ def row_activation(model, results, quick):
 
     n_layers, d = model.config.num_hidden_layers, model.config.hidden_size
     vec = SteeringVector({i: direction(d, i) for i in range(n_layers)}, {"op": "ablate_add"})
-    new = 8 if quick else 24
-    reps = 3 if quick else 7
-    handle = Steering(model, vec, SteeringConfig(mode="ablate_add", layers=list(range(n_layers)), alpha=1.0))
-    handle.remove()
-    for b in (1, 8):
+    config = SteeringConfig(mode="ablate_add", layers=list(range(n_layers)), alpha=1.0)
+    new = 8 if quick else 32
+    attach = []
+    for _ in range(5 if quick else 21):
+        t0 = time.perf_counter()
+        Steering(model, vec, config).remove()
+        attach.append(time.perf_counter() - t0)
+    results["attach_remove_ms_30_layers"] = statistics.median(attach) * 1e3
+    for b, reps in ((1, 3 if quick else 25), (8, 3 if quick else 9)):
         ids = prompt_ids(b)
 
-        def steered():
-            with Steering(model, vec, SteeringConfig(mode="ablate_add", layers=list(range(n_layers)), alpha=1.0)):
-                return generate(model, ids, new)
+        def base():
+            t0 = time.perf_counter()
+            generate(model, ids, new)
+            return time.perf_counter() - t0
 
-        t = interleaved({"base": lambda: generate(model, ids, new), "steered": steered}, reps)
-        results[f"steered_over_unsteered_b{b}"] = t["base"] / t["steered"]
-        results[f"tokens_per_s_b{b}"] = {"unsteered": b * new / t["base"], "steered": b * new / t["steered"]}
-        if b == 1:
-            results["us_per_layer_step"] = (t["steered"] - t["base"]) / (new * n_layers) * 1e6
+        def steered():  # attached outside the timed call: steady-state cost (attach+remove is its own row)
+            with Steering(model, vec, config):
+                return base()
+
+        t = rounds({"base": base, "steered": steered}, reps)
+        results[f"steered_over_unsteered_b{b}"] = paired_ratio(t, "base", "steered")
+        med = {k: statistics.median(v) for k, v in t.items()}
+        results[f"tokens_per_s_b{b}"] = {"unsteered": b * new / med["base"], "steered": b * new / med["steered"]}
+        if b == 1:  # prefill's steering included (conservative): 16 prompt tokens, `new` decode steps
+            per_round = sorted((s_ - b_) / (new * n_layers) * 1e6 for s_, b_ in zip(t["steered"], t["base"]))
+            results["us_per_layer_step"] = statistics.median(per_round)
+            q = statistics.quantiles(per_round, n=4)
+            results["us_per_layer_step_spread"] = {"q25": q[0], "q75": q[2], "rounds": len(per_round)}
     # mixed α vs uniform α, B = 64 (16 with --quick)
     b = 16 if quick else 64
     ids = prompt_ids(b)
-    with Steering(model, vec, SteeringConfig(mode="ablate_add", layers=list(range(n_layers)), alpha=1.0)) as h:
+    with Steering(model, vec, config) as h:
         def run(alphas):
             def f():
                 h.set_alphas(alphas)
                 return generate(model, ids, 4 if quick else 8)
             return f
         mixed = [0.5 + i / b for i in range(b)]
-        t = interleaved({"uniform": run([1.0] * b), "mixed": run(mixed)}, reps)
+        t = rounds({"uniform": run([1.0] * b), "mixed": run(mixed)}, 3 if quick else 7)
     results[f"mixed_alpha_over_uniform_b{b}" if b != 64 else "mixed_alpha_over_uniform_b64"] = \
-        t["uniform"] / t["mixed"]
+        paired_ratio(t, "uniform", "mixed")
 
 
 def lowrank_vector(model, rank: int):
@@ -147,9 +181,9 @@ def row_lowrank(model, results, quick):
             h.set_alphas(alphas)
             return generate(model, ids, 4 if quick else 8)
 
-    t = interleaved({"base": lambda: generate(model, ids, 4 if quick else 8), "lowrank": steered},
-                    3 if quick else 5)
-    results["lowrank_param_over_base_b64" if b == 64 else f"lowrank_param_over_base_b{b}"] = t["base"] / t["lowrank"]
+    t = rounds({"base": lambda: generate(model, ids, 4 if quick else 8), "lowrank": steered}, 3 if quick else 5)
+    results["lowrank_param_over_base_b64" if b == 64 else f"lowrank_param_over_base_b{b}"] = \
+        paired_ratio(t, "base", "lowrank")
     results["lowrank_modules"] = len(vec.meta["task"]["params"])
 
 
@@ -243,20 +277,76 @@ def row_peers(model, results, quick):
         if name != "steer":
             same = torch.equal(fns[name](), ref)
             results[f"vs_{name}_outputs_equal"] = same
-    t = interleaved(fns, 3 if quick else 7)
+    t = rounds(fns, 3 if quick else 9)
     for name in fns:
         if name != "steer":
-            results[f"vs_{name}"] = t[name] / t["steer"]
-    results["peer_tokens_per_s_b8"] = {k: b * new / v for k, v in t.items()}
+            results[f"vs_{name}"] = paired_ratio(t, name, "steer")
+    results["peer_tokens_per_s_b8"] = {k: b * new / statistics.median(v) for k, v in t.items()}
+
+
+def row_gpu(results, quick):
+    """CUDA only: the Triton op's bandwidth over copy_ bandwidth; steered/unsteered decode at B=1 and B=64."""
+    if not torch.cuda.is_available():
+        for key in ("gpu_op_bandwidth_over_copy", "gpu_steered_over_unsteered_b1", "gpu_steered_over_unsteered_b64"):
+            results[key] = "not run: no CUDA device"
+        return
+    from steer import SteeringVector
+    from steer.config import SteeringConfig
+    from steer.hooks import Steering
+    import steer.kernels as K
+
+    results["gpu"] = torch.cuda.get_device_name()
+    results["gpu_kernel"] = K.IMPL
+    try:
+        import triton.testing
+
+        from steer.kernels.triton_steer import triton_steer_
+    except ImportError as exc:
+        results["gpu_op_bandwidth_over_copy"] = f"not run: {exc}"
+    else:
+        h = torch.randn(64, 2048, 576, device="cuda", dtype=torch.bfloat16)
+        src = h.clone()
+        vecs = torch.randn(2, 576, device="cuda")
+        vecs[0] /= vecs[0].norm()
+        coef = torch.full((64, 2), 1e-3, device="cuda")
+        ms_op = triton.testing.do_bench(lambda: triton_steer_(h, vecs, coef, 1))
+        ms_copy = triton.testing.do_bench(lambda: h.copy_(src))
+        nbytes = 2 * h.numel() * h.element_size()
+        results["gpu_op_bandwidth_over_copy"] = ms_copy / ms_op
+        results["gpu_op"] = {"GB_per_s": nbytes / ms_op / 1e6, "copy_GB_per_s": nbytes / ms_copy / 1e6}
+        del h, src
+    model = build_model().cuda()
+    n_layers, d = model.config.num_hidden_layers, model.config.hidden_size
+    vec = SteeringVector({i: direction(d, i) for i in range(n_layers)}, {"op": "ablate_add"})
+    config = SteeringConfig(mode="ablate_add", layers=list(range(n_layers)), alpha=1.0)
+    new = 8 if quick else 32
+    for b in (1, 64):
+        ids = prompt_ids(b).cuda()
+
+        def base():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            generate(model, ids, new)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        def steered():
+            with Steering(model, vec, config):
+                return base()
+
+        t = rounds({"base": base, "steered": steered}, 3 if quick else 11)
+        results[f"gpu_steered_over_unsteered_b{b}"] = paired_ratio(t, "base", "steered")
+        results[f"gpu_tokens_per_s_b{b}"] = {k: b * new / statistics.median(v) for k, v in t.items()}
 
 
 # ------------------------------------------------------------------------------------------- main
 def table(results: dict) -> str:
     lines = [f"{'row':36s} {'value':>12s}  target   met"]
     for key, (op, target) in TARGETS.items():
-        matches = [k for k in results if k == key or (k.startswith(key.rsplit("_b", 1)[0]) and key.endswith("_b64")
-                                                       and k.rsplit("_b", 1)[0] == key.rsplit("_b", 1)[0])]
-        k = matches[0] if matches else key
+        stem = key.rsplit("_b", 1)[0]   # --quick runs the _b64 rows at B=16: show those under the same row
+        matches = [k for k in results if key.endswith("_b64") and k.rsplit("_b", 1)[0] == stem and
+                   k.rsplit("_b", 1)[1] not in ("1", "8")]
+        k = key if key in results else (matches[0] if matches else key)
         v = results.get(k)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             met = v >= target if op == ">=" else v <= target
@@ -274,11 +364,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="fast smoke run (fewer tokens, reps, B=16)")
-    ap.add_argument("--only", default="all", help="comma list: activation,lowrank,switch,peers")
+    ap.add_argument("--only", default="all", help="comma list: activation,lowrank,switch,peers,gpu")
     ap.add_argument("--peer-python", default=None, help="interpreter with repeng + steering-vectors "
                     "(default: .venv-peers/bin/python when it exists)")
     args = ap.parse_args(argv)
-    only = set(args.only.split(",")) if args.only != "all" else {"activation", "lowrank", "switch", "peers"}
+    only = set(args.only.split(",")) if args.only != "all" else {"activation", "lowrank", "switch", "peers", "gpu"}
     import steer.kernels as K
     import transformers
 
@@ -292,6 +382,8 @@ def main(argv=None):
         row_lowrank(model, results, args.quick)
     if "switch" in only:
         row_alpha_switch(model, results, args.quick)
+    if "gpu" in only:
+        row_gpu(results, args.quick)
     if "peers" in only:
         peer_py = args.peer_python or (str(ROOT / ".venv-peers/bin/python")
                                        if (ROOT / ".venv-peers/bin/python").exists() else None)

@@ -4,12 +4,13 @@ Three implementations behind :func:`steer_`, chosen once at import (override wit
 ``STEER_KERNEL`` environment variable or :func:`use`):
 
 * ``"reference"`` — :mod:`.reference`, the literal plain-PyTorch spec (every device);
-* ``"cpu"``       — :mod:`.cpu`, two BLAS calls and no temporaries (every device);
+* ``"cpu"``       — :mod:`.cpu`, few ATen calls, per-row operands precomputed in a ``Plan`` (every device);
 * ``"triton"``    — :mod:`.triton_steer` for CUDA tensors, the ``"cpu"`` path for the rest.
 
 The default is ``"triton"`` when CUDA is available and triton is installed, else ``"cpu"``.
 Read the current choice as ``steer.kernels.IMPL`` (``from steer.kernels import IMPL`` copies
-the name at that moment and does not follow :func:`use`).
+the name at that moment and does not follow :func:`use`). Steering hooks read it when they are
+attached (:func:`plan_for`): call :func:`use` before attaching.
 This module is cheap to import and has no side effects: it imports only torch, and triton
 only on the first CUDA call.
 """
@@ -21,10 +22,10 @@ import os
 
 import torch
 
-from .cpu import cpu_steer_
+from .cpu import Plan, cpu_steer_
 from .reference import reference_steer_
 
-__all__ = ["IMPL", "IMPLS", "reference_steer_", "steer_", "use"]
+__all__ = ["IMPL", "IMPLS", "Plan", "plan_for", "reference_steer_", "steer_", "use"]
 
 IMPLS = ("reference", "cpu", "triton")
 IMPL: str = "cpu"
@@ -32,12 +33,12 @@ _host = cpu_steer_     # implementation used for non-CUDA tensors
 _cuda = cpu_steer_     # implementation used for CUDA tensors (triton resolved lazily)
 
 
-def _triton_cuda(h, vecs, coef, n_ablate, mask=None):
+def _triton_cuda(h, vecs, coef, n_ablate, mask=None, plan=None):
     """First CUDA call under ``"triton"``: import the kernel, then call it directly."""
     global _cuda
     from .triton_steer import triton_steer_
     _cuda = triton_steer_
-    return triton_steer_(h, vecs, coef, n_ablate, mask)
+    return triton_steer_(h, vecs, coef, n_ablate, mask, plan)
 
 
 def use(name: str) -> str:
@@ -56,7 +57,7 @@ def use(name: str) -> str:
 
 
 def steer_(h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate: int,
-           mask: torch.Tensor | None = None) -> torch.Tensor:
+           mask: torch.Tensor | None = None, plan=None) -> torch.Tensor:
     """In place on ``h`` [B, T, d] (fp32/fp16/bf16, any strides); returns ``h``.
 
     ``vecs`` [J+K, d] fp32 on h's device: the first ``n_ablate`` (=J) rows are unit ablation
@@ -64,11 +65,20 @@ def steer_(h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate: in
     broadcast over rows) fp32: J ablation strengths beta (1.0 removes the projection) then K
     add strengths alpha. ``mask`` None (all tokens) or [B, T] bool/float: nonzero = steer the
     token, zero = leave it bit-exactly unchanged. Projections use the original h; fp32 maths,
-    one cast at the end. No checks here (hot path): callers validate shapes once.
+    one cast at the end. ``plan``: optional :class:`Plan` of these vectors, updated with this ``coef``
+    by callers that apply the same vectors many times (the CPU path uses it; the others ignore it).
+    No checks here (hot path): callers validate shapes once.
     """
     if h.is_cuda:
-        return _cuda(h, vecs, coef, n_ablate, mask)
-    return _host(h, vecs, coef, n_ablate, mask)
+        return _cuda(h, vecs, coef, n_ablate, mask, plan)
+    return _host(h, vecs, coef, n_ablate, mask, plan)
+
+
+def plan_for(vecs: torch.Tensor, n_ablate: int) -> Plan | None:
+    """A :class:`Plan` for these vectors when the active implementation on their device is the CPU path, else
+    None (the reference, and Triton on CUDA, take ``coef`` as it is). Read once, when steering is attached."""
+    impl = _cuda if vecs.is_cuda else _host
+    return Plan(vecs, n_ablate) if impl is cpu_steer_ and not vecs.is_cuda else None
 
 
 def _default() -> str:

@@ -1,21 +1,24 @@
 """Fused CPU path for the steering op (same maths as :mod:`.reference`, fewer passes over h).
 
-All J+K directions are applied with two BLAS calls on the flattened ``x = h.view(B*T, d)``:
+At decode sizes the op costs almost nothing in arithmetic; what it costs is ATen dispatch, about 4 us per
+call when it runs right after a decoder layer (measured in context: the layer's weight traffic leaves code and
+data cold, so a call that takes 1-2 us in a tight loop takes 3-12 us there; ``benchmarks/hook_overhead.py``).
+So this path is as few ATen calls as the maths allows, and everything that depends only on the vectors and
+the per-row coefficients is computed when they change, in a :class:`Plan`:
 
-1. ``P = x @ R^T``                         one GEMM for every ablation projection ([N, J]);
-2. ``C = [P | -1] * coef``, masked -> 0     the per-token coefficients ([N, J+K], tiny);
-3. ``x.addmm_(C, vecs, alpha=-1)``          one fused read-modify-write of h that applies
-   ``x - beta*P*r + alpha*v`` for all directions at once.
+* add only: ``bias`` [B|1, 1, d] = ``sum_k alpha_k v_k`` per row, so a step is one ``h.add_(bias)``, which rounds
+  exactly like the reference (``h + alpha*v`` for one vector);
+* ablation (+ addition), one token per row (a decode step): a persistent coefficient buffer ``C = [. | alpha]``
+  [B, J+K] whose alpha columns are written on update; a step is ``mm(x, -beta R^T, out=C[:, :J])`` (all J
+  projections of the original h in one GEMM, written into the buffer; beta folded into the matrix when every
+  row shares it, else one ``mul_`` by the per-row beta) and one fused ``x.addmm_(C, vecs)`` that applies
+  ``x - beta*P*r + alpha*v`` for all directions at once: 2 ATen calls (3 with per-row beta) plus a view;
+* ablation over several tokens per row (a prompt): ``P = mm(x, -beta R^T)``, ``x.addmm_(P, R)``, ``h.add_(bias)``.
 
-fp32 contiguous h is updated in place with no [N, d] temporary; fp16/bf16 (or non-contiguous)
-h is converted to one fp32 buffer, updated, and cast back once. Rows whose coefficients are
-all zero, and masked-out tokens, get ``x + (-1)*0``, which is ``x`` exactly.
-
-Add-only calls without a mask (the common case) take a shorter path: ``h += (coef @ vecs)[:, None]``.
-
-At decode sizes the cost is per-op dispatch (~2 us each), so this path is a handful of ATen
-calls; ``torch.compile`` of the same maths measured ~2x slower per call on CPU (guard and
-wrapper overhead), so it is not used. Also correct (not fastest) on CUDA tensors.
+Everything else (no plan, fp16/bf16 or non-contiguous h, a token mask) takes the general path: ``C = [P | -1] * coef`` (masked tokens -> 0) and one ``x.addmm_(C, vecs, alpha=-1)``, via one
+fp32 copy for half dtypes. Rows whose coefficients are all zero, and masked-out tokens, get ``x + 0``, which is ``x``.
+``torch.compile`` of the same maths measured ~2x slower per call on CPU (guard and wrapper overhead), so it is
+not used. Also correct (not fastest) on CUDA tensors.
 """
 
 from __future__ import annotations
@@ -24,23 +27,112 @@ import torch
 import torch.nn.functional as F
 
 
+class Plan:
+    """Operands the CPU path derives from ``(vecs, n_ablate)`` once and from ``coef`` on every change.
+
+    ``plan = Plan(vecs, n_ablate).update(coef)``; call :meth:`update` again after every change of ``coef``
+    (it writes in place when the shape is unchanged, so hooks and compiled graphs keep the same tensors) and
+    pass it as ``steer_(..., plan=plan)`` with the same ``vecs``, ``coef`` and ``n_ablate``, or call its two
+    hot paths directly: ``h.add_(plan.bias)`` (add only, no mask) and :meth:`apply_` (fp32, no mask).
+    Not for concurrent use from several threads (the coefficient buffer is written per call).
+    """
+
+    __slots__ = ("n_ablate", "vecs", "neg_rt", "proj", "C", "C_proj", "beta", "per_row_beta", "bias", "rows", "d",
+                 "R")
+
+    def __init__(self, vecs: torch.Tensor, n_ablate: int):
+        self.n_ablate = n_ablate
+        self.vecs = vecs                                        # [J+K, d]
+        self.R = vecs[:n_ablate]                                # [J, d]
+        self.neg_rt = (-vecs[:n_ablate]).t().contiguous()       # [d, J] = -R^T
+        self.proj = self.neg_rt.clone()                         # -beta R^T (beta shared by all rows) or -R^T
+        self.C: torch.Tensor | None = None                      # [rows, J+K]: [-beta*P (per call) | alpha]
+        self.C_proj: torch.Tensor | None = None                 # C[:, :J], the GEMM's output view
+        self.beta: torch.Tensor | None = None                   # [rows, J]
+        self.per_row_beta = False
+        self.bias: torch.Tensor | None = None                   # [rows, 1, d] = sum_k alpha_k v_k; None if K = 0
+        self.rows, self.d = 0, vecs.shape[1]                    # decode_ takes [rows, (1,) d]
+
+    def update(self, coef: torch.Tensor) -> Plan:
+        J = self.n_ablate
+        coef = coef.float()
+        self.rows = coef.shape[0]
+        if self.vecs.shape[0] > J:
+            self.bias = _into(self.bias, torch.mm(coef[:, J:], self.vecs[J:]).unsqueeze(1))
+        if J == 0:
+            return self
+        beta = coef[:, :J]
+        first = beta.reshape(-1)[:1] if beta.numel() else torch.ones(1, device=beta.device)
+        self.per_row_beta = not bool((beta == first).all())
+        self.proj.copy_(self.neg_rt if self.per_row_beta else self.neg_rt * first)
+        self.beta = _into(self.beta, beta.contiguous())
+        C = _into(self.C, coef)
+        if C is not self.C:
+            self.C, self.C_proj = C, C[:, :J]
+        return self
+
+    def apply_(self, h: torch.Tensor, one_token: bool) -> bool:
+        """Ablation (+ addition) in place on fp32 ``h`` [rows, T, d], no token mask; ``one_token``: T == 1.
+
+        The caller says whether this is a one-token (decode) step; that lets the hot path skip reading h's
+        shape. Returns False, changing nothing, when ``h`` has another number of rows or strides that cannot be
+        flattened; the general path then runs.
+        """
+        if one_token:
+            try:
+                x = h.view(self.rows, self.d)                   # raises unless h is [rows, 1, d] and flattens
+            except RuntimeError:
+                return False
+            torch.mm(x, self.proj, out=self.C_proj)             # -beta*P (or -P): projections of the original h
+            if self.per_row_beta:
+                self.C_proj.mul_(self.beta)
+            x.addmm_(self.C, self.vecs)                         # x - beta*P*r + alpha*v, all directions at once
+            return True
+        if h.dim() != 3 or h.shape[0] != self.rows or not h.is_contiguous():
+            return False
+        B, T, d = h.shape
+        x = h.view(B * T, d)
+        P = torch.mm(x, self.proj)                              # [N, J]: -beta*P (or -P), original h
+        if self.per_row_beta:
+            P.view(B, T, self.n_ablate).mul_(self.beta.unsqueeze(1))
+        x.addmm_(P, self.R)                                     # x - beta*P*r
+        if self.bias is not None:
+            h.add_(self.bias)                                   # + sum_k alpha_k v_k
+        return True
+
+
+def _into(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """``new``'s values in ``old``'s storage when shapes match (same tensor for hooks/graphs), else a copy."""
+    if old is not None and old.shape == new.shape and old.device == new.device:
+        return old.copy_(new)
+    return new.clone(memory_format=torch.contiguous_format)
+
+
 def cpu_steer_(h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate: int,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
-    """In-place steering of ``h`` [B, T, d]; see :func:`steer.kernels.reference_steer_`."""
+               mask: torch.Tensor | None = None, plan: Plan | None = None) -> torch.Tensor:
+    """In-place steering of ``h`` [B, T, d]; see :func:`steer.kernels.reference_steer_`.
+
+    ``plan``: a :class:`Plan` of these ``vecs``/``n_ablate``, updated with this ``coef`` (optional).
+    """
     B, T, d = h.shape
+    if plan is not None and mask is None:
+        if n_ablate == 0:                                               # + sum_k alpha_k v_k, any T and dtype
+            return h if plan.bias is None else h.add_(plan.bias)
+        if h.dtype == torch.float32 and plan.apply_(h, T == 1):
+            return h
     if n_ablate == 0 and mask is None:
-        # add-only fast path (the common case): one tiny GEMM for sum_k alpha_k v_k per row, one in-place add
-        # that computes in fp32 (type promotion) and casts once for half dtypes
+        # add only: one tiny GEMM for sum_k alpha_k v_k per row, one in-place add that computes in fp32 (type
+        # promotion) and casts once for half dtypes
         return h.add_(torch.mm(coef, vecs).unsqueeze(1))
     inplace = h.dtype == torch.float32 and h.is_contiguous()
     x = h.view(B * T, d) if inplace else h.reshape(B * T, d).float()   # fp32, [N, d]
     n_vec = vecs.shape[0]
-    P = F.linear(x, vecs[:n_ablate])                                    # [N, J] on original h
+    P = F.linear(x, vecs[:n_ablate])                                    # [N, J] on the original h
     C = torch.constant_pad_nd(P, (0, n_vec - n_ablate), -1.0)           # [N, J+K] = [P | -1]
-    C3 = C.view(B, T, n_vec).mul_(coef.unsqueeze(1))                    # [beta*P | -alpha]
+    C.view(B, T, n_vec).mul_(coef.unsqueeze(1))                         # [beta*P | -alpha]
     if mask is not None:
-        keep = mask.unsqueeze(-1) if mask.dtype == torch.bool else mask.unsqueeze(-1) != 0
-        C = torch.where(keep, C3, 0.0).view(B * T, n_vec)                 # masked tokens: 0
+        keep = mask.reshape(B * T, 1)
+        C = torch.where(keep if keep.dtype == torch.bool else keep != 0, C, 0.0)  # masked tokens: 0
     x.addmm_(C, vecs, alpha=-1.0)                                       # x - beta*P*r + alpha*v
     if not inplace:
         h.copy_(x.view(B, T, d))

@@ -21,12 +21,13 @@ import torch
 
 
 def reference_steer_(h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate: int,
-                     mask: torch.Tensor | None = None) -> torch.Tensor:
+                     mask: torch.Tensor | None = None, plan=None) -> torch.Tensor:
     """Apply the steering op to ``h`` ([B, T, d]) in place and return it.
 
     ``vecs`` [J+K, d] fp32: the first ``n_ablate`` (=J) rows are unit ablation directions, the
     rest are add vectors. ``coef`` [B or 1, J+K] fp32: beta columns then alpha columns.
-    ``mask`` None or [B, T] (bool or float; nonzero = steer this token).
+    ``mask`` None or [B, T] (bool or float; nonzero = steer this token). ``plan`` is ignored (it only
+    speeds up the CPU path).
     """
     n_add = vecs.shape[0] - n_ablate
     x = h.float()  # the original h, in fp32 (h itself when h is already fp32)

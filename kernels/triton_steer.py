@@ -67,7 +67,7 @@ def _config(d: int) -> tuple[int, int, int]:
 
 
 def triton_steer_(h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate: int,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
+                  mask: torch.Tensor | None = None, plan=None) -> torch.Tensor:
     """In-place steering of ``h`` [B, T, d] by the Triton kernel; returns ``h``.
 
     Same contract as :func:`steer.kernels.steer_`; ``d`` may be at most 65536.

@@ -1,9 +1,10 @@
-"""Forward hooks that steer a model, with per-request α, token scope and a per-row conditional gate.
+"""Hooks that steer a model, with per-request α, token scope and a per-row conditional gate.
 
 One :class:`Steering` = one vector applied with one config. Attaching validates everything first
 (vector vs model, layers, condition), moves the vectors to each layer's device once, and only then
-registers hooks: a root pre-hook on the model (reads the KV-cache length, so it knows which positions are
-prompt and which are generated) and one hook per steered layer (plus one on the condition layer). Hooks
+registers hooks: torch pre/post hooks on the model (the pre-hook reads the KV-cache length, so it knows which
+positions are prompt and which are generated) and one :class:`~steer.handle.ForwardWrap` per steered layer
+(plus one on the condition layer), which runs like a forward hook without torch's hook dispatch. Hooks
 read persistent per-row buffers (coefficients ``coef`` [B, J+K] and the gated copy ``coef_eff``) that
 :meth:`Steering.set_alphas` and the gate update in place; nothing is allocated per layer per token beyond
 the op itself. The handle is a context manager and ``remove()`` is idempotent: hooks always come off.
@@ -19,11 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from steer.kernels import steer_
+from steer.kernels import Plan, plan_for, steer_
 
 from .config import Condition, SteeringConfig, check_alpha, row_alphas
 from .errors import AlphaError, ConfigError, LayerError
-from .handle import HookSet
+from .handle import ForwardWrap, HookSet
 from .layers import check_layers, fingerprint, get_layers
 from .vector import SteeringVector
 
@@ -96,6 +97,7 @@ class Steering(HookSet):
         # ---- per-layer vectors: [J+K, d] fp32 on the layer's device, moved once here
         self.blocks = blocks
         self._vecs: dict[int, torch.Tensor] = {}
+        self._plans: dict[int, Plan | None] = {}
         self.n_ablate = 0
         shapes = set()
         for layer in self.layers:
@@ -110,6 +112,8 @@ class Steering(HookSet):
                 vecs, j = (q, q.shape[0]) if self.op == "ablate" else (torch.cat([q, d]), q.shape[0])
             shapes.add((vecs.shape[0], j))
             self._vecs[layer] = vecs.to(_layer_device(blocks[layer])).contiguous()
+            # CPU: operands derived once from the vectors and on every α/gate change from coef (kernels.Plan)
+            self._plans[layer] = plan_for(self._vecs[layer], j)
             self.n_ablate = j
         if len(shapes) > 1:
             raise ConfigError("layers carry different numbers of directions",
@@ -130,6 +134,7 @@ class Steering(HookSet):
         self.last_gate: torch.Tensor | None = None
         self._prefill = True
         self._skip = False
+        self._decode = False  # this forward feeds one token per row (set by the root hook)
         self._mask: torch.Tensor | None = None
         self._masks: dict[torch.device, torch.Tensor] = {}
         self._attn: torch.Tensor | None = None
@@ -182,6 +187,12 @@ class Steering(HookSet):
                 self._coef_eff[dev].zero_()  # gate closed until the next prefill decides
             else:
                 self._coef_eff[dev] = torch.zeros_like(c)
+        self._update_plans()
+
+    def _update_plans(self) -> None:
+        for layer, plan in self._plans.items():
+            if plan is not None:
+                plan.update(self._coef_eff[self._vecs[layer].device])
 
     def set_alphas(self, alphas) -> None:
         """Give every batch row its own strength (a float sets one α for all rows). 0 = unsteered row."""
@@ -191,7 +202,7 @@ class Steering(HookSet):
     def _fit_rows(self, batch: int) -> None:
         rows = next(iter(self._coef.values())).shape[0]
         base = self._alphas.numel()
-        if rows == batch or (rows == 1 and base == 1 and self.condition is None):
+        if rows == batch:  # one coefficient row per batch row (the CPU plan's decode path needs B rows)
             return
         if batch % base:
             raise AlphaError("the number of per-row alphas does not fit the batch",
@@ -203,17 +214,17 @@ class Steering(HookSet):
     def _register(self) -> None:
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._end_forward, always_call=True))
             hooked = set(self.layers) | ({self.condition.layer} if self.condition is not None else set())
             for i in sorted(hooked):
                 block = self.blocks[i]
                 if self.condition is not None and i == self.condition.layer:
-                    self._handles.append(block.register_forward_hook(self._make_output_hook(i, gate=True)))
+                    self._handles.append(ForwardWrap(block, post=self._make_output_hook(i, gate=True)))
                 if i in self.layers:
                     if self.site == "output":
-                        self._handles.append(block.register_forward_hook(self._make_output_hook(i, gate=False)))
+                        self._handles.append(ForwardWrap(block, post=self._make_output_hook(i, gate=False)))
                     else:
-                        self._handles.append(
-                            block.register_forward_pre_hook(self._make_input_hook(i), with_kwargs=True))
+                        self._handles.append(ForwardWrap(block, pre=self._make_input_hook(i)))
         except BaseException:
             self.remove()
             raise
@@ -227,6 +238,7 @@ class Steering(HookSet):
         if not isinstance(x, torch.Tensor):
             return None
         batch, seq = int(x.shape[0]), int(x.shape[1]) if x.dim() > 1 else 1
+        self._decode = seq == 1  # one token per row (the plan's decode path)
         if self.scope == "all" and self.condition is None:
             # nothing depends on positions: skip the cache-length read (a device sync / graph break)
             self._fit_rows(batch)
@@ -256,6 +268,10 @@ class Steering(HookSet):
                 self._mask = (torch.arange(seq) >= n_prompt)[None].expand(batch, seq)
         return None
 
+    def _end_forward(self, module, args, output):
+        self._decode = False  # the decode flag belongs to one model forward (layers called alone never see it)
+        return None
+
     def _mask_on(self, device: torch.device) -> torch.Tensor | None:
         if self._mask is None:
             return None
@@ -267,7 +283,7 @@ class Steering(HookSet):
         if not inplace or (torch.is_grad_enabled() and h.requires_grad):
             h = h.clone()
         return steer_(h, self._vecs[layer], self._coef_eff[h.device], self.n_ablate,
-                      None if self._mask is None else self._mask_on(h.device))
+                      None if self._mask is None else self._mask_on(h.device), self._plans[layer])
 
     def _decide_gate(self, h: torch.Tensor) -> None:
         cond = self.condition
@@ -282,6 +298,7 @@ class Steering(HookSet):
         self.last_scores, self.last_gate = score, gate
         for dev in self._devices:
             torch.mul(self._coef[dev], gate.to(dev, torch.float32)[:, None], out=self._coef_eff[dev])
+        self._update_plans()
 
     def _make_output_hook(self, layer: int, gate: bool):
         if gate:
@@ -291,18 +308,25 @@ class Steering(HookSet):
                 return None
 
             return gate_hook
-        vecs, n_ablate, coef_eff = self._vecs[layer], self.n_ablate, self._coef_eff
+        vecs, n_ablate, coef_eff, plan = self._vecs[layer], self.n_ablate, self._coef_eff, self._plans[layer]
         dev = vecs.device
+        f32, tensor, grad_enabled = torch.float32, torch.Tensor, torch.is_grad_enabled
+        add_bias = plan is not None and n_ablate == 0 and len(vecs) > 0  # add only: h += plan.bias, one op, any T
+        apply_ = plan.apply_ if plan is not None and n_ablate else None
 
-        def hook(module, args, output):  # hot path: bound locals, no per-call dict lookups but coef's
+        def hook(module, args, output):  # hot path: bound locals, cheapest checks first (see kernels.cpu)
             if self._skip:
                 return None
-            h = output if type(output) is torch.Tensor else output[0]
-            if torch.is_grad_enabled() and h.requires_grad:
-                steered = steer_(h.clone(), vecs, coef_eff[dev], n_ablate,
-                                 None if self._mask is None else self._mask_on(dev))
+            h = output if type(output) is tensor else output[0]
+            if grad_enabled() and h.requires_grad:
+                steered = steer_(h.clone(), vecs, coef_eff[dev], n_ablate, self._mask_on(dev), plan)
                 return _replace_hidden(output, steered)
-            steer_(h, vecs, coef_eff[dev], n_ablate, None if self._mask is None else self._mask_on(dev))
+            if add_bias and self._mask is None:
+                h.add_(plan.bias)
+                return None
+            if apply_ is not None and self._mask is None and h.dtype is f32 and apply_(h, self._decode):
+                return None
+            steer_(h, vecs, coef_eff[dev], n_ablate, self._mask_on(dev), plan)
             return None
 
         return hook

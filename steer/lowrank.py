@@ -32,7 +32,7 @@ from torch import nn
 
 from .config import check_alpha, row_alphas
 from .errors import AlphaError, ConfigError
-from .handle import HookSet
+from .handle import ForwardWrap, HookSet
 from .params import check_task_model, dense_tau, factors, is_conv1d, task_info
 from .vector import SteeringVector
 
@@ -152,7 +152,7 @@ class TaskSteering(HookSet):
             conv = bool(info[w_name].get("conv1d"))
             lin = ("dense", (tau.T if conv else tau).contiguous())
         make = self._linear_hook if kind == "linear" else self._embedding_hook
-        self._handles.append(mod.register_forward_hook(make(lin, db, slot)))
+        self._handles.append(ForwardWrap(mod, post=make(lin, db, slot)))  # a plain call's price, not a hook's
 
     def _linear_hook(self, lin, db, slot: int):
         coefs = self._coef

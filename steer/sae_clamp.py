@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import AlphaError, ConfigError, VectorFileError
-from .handle import HookSet
+from .handle import ForwardWrap, HookSet
 from .layers import check_layers, fingerprint, get_layers
 from .vector import SteeringVector
 
@@ -172,9 +172,9 @@ class FeatureClamp(HookSet):
         try:
             for i in self.layers:
                 if site == "output":
-                    self._handles.append(blocks[i].register_forward_hook(self._output_hook))
+                    self._handles.append(ForwardWrap(blocks[i], post=self._output_hook))
                 else:
-                    self._handles.append(blocks[i].register_forward_pre_hook(self._input_hook, with_kwargs=True))
+                    self._handles.append(ForwardWrap(blocks[i], pre=self._input_hook))
         except BaseException:
             self.remove()
             raise

@@ -1,10 +1,15 @@
-"""Test helper: record a block's output before and after steer's hooks run."""
+"""Test helper: record a block's output before and after steer's hooks run.
+
+steer steers a block by wrapping its forward (steer.handle.ForwardWrap), so a forward hook sees the steered
+output; the unsteered one is recorded by a wrapper of our own installed first (innermost)."""
 
 from __future__ import annotations
 
 import contextlib
 
 import torch
+
+from steer.handle import ForwardWrap
 
 
 def _hidden(output):
@@ -13,12 +18,12 @@ def _hidden(output):
 
 @contextlib.contextmanager
 def around(block, attach):
-    """Register a 'pre' recorder, call attach() (which registers steer's hooks), then a 'post' recorder.
+    """Wrap the block with a 'pre' recorder, call attach() (which wraps it with steer), add a 'post' recorder.
 
     Yields (pre, post, handle): lists of cloned block outputs per forward call, and attach()'s result.
     """
     pre, post = [], []
-    h1 = block.register_forward_hook(lambda m, a, o: pre.append(_hidden(o).detach().clone()))
+    h1 = ForwardWrap(block, post=lambda m, a, o: pre.append(_hidden(o).detach().clone()))
     handle = attach()
     h2 = block.register_forward_hook(lambda m, a, o: post.append(_hidden(o).detach().clone()))
     try:
@@ -27,3 +32,10 @@ def around(block, attach):
         h1.remove()
         h2.remove()
         handle.remove()
+
+
+def assert_unhooked(model, blocks) -> None:
+    """Nothing of steer's is left on the model: no hooks on it, no hooks or forward wrappers on its blocks."""
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    for b in blocks:
+        assert not b._forward_hooks and not b._forward_pre_hooks and "forward" not in b.__dict__

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import steer.kernels as K
-from steer.kernels.cpu import cpu_steer_
+from steer.kernels.cpu import Plan, cpu_steer_
 from steer.kernels.reference import reference_steer_
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -112,7 +112,61 @@ def test_cpu_matches_reference(shape, dtype, mask_kind):
     check(cpu_steer_, *shape, dtype, mask_kind)
 
 
-@pytest.mark.parametrize("impl", [reference_steer_, cpu_steer_], ids=["reference", "cpu"])
+def cpu_with_plan(h, vecs, coef, n_ablate, mask=None):
+    return cpu_steer_(h, vecs, coef, n_ablate, mask, Plan(vecs, n_ablate).update(coef))
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpu_with_plan_matches_reference(shape, dtype, mask_kind):
+    check(cpu_with_plan, *shape, dtype, mask_kind)
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (5, 1), (3, 4)])
+def test_plan_uniform_and_per_row_beta(B, T):
+    """The plan folds a beta shared by every row into the GEMM's matrix, and scales per row otherwise."""
+    h, vecs, coef, _ = make_case(B, T, 61, 2, 1, torch.float32, "none")
+    for beta in ([1.0] * B, [0.0] * B, [0.5] * B, [float(i % 2) for i in range(B)], [0.3 * i for i in range(B)]):
+        coef[:, :2] = torch.tensor(beta)[:, None]
+        plan = Plan(vecs, 2).update(coef)
+        assert plan.per_row_beta == (len(set(beta)) > 1)
+        expected = reference_steer_(h.clone(), vecs, coef, 2)
+        torch.testing.assert_close(cpu_steer_(h.clone(), vecs, coef, 2, None, plan), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_add_is_exactly_h_plus_alpha_v():
+    h, vecs, coef, _ = make_case(4, 3, 576, 0, 1, torch.float32, "none")
+    out = cpu_with_plan(h.clone(), vecs, coef, 0)
+    assert torch.equal(out, h + coef[:, 0, None, None] * vecs[0])
+    assert torch.equal(out, reference_steer_(h.clone(), vecs, coef, 0))
+
+
+def test_plan_zero_rows_bit_exact_and_coef_untouched():
+    h, vecs, coef, _ = make_case(3, 1, 75, 1, 2, torch.float32, "none")
+    coef[1] = 0.0
+    before = coef.clone()
+    out = cpu_with_plan(h.clone(), vecs, coef, 1)
+    assert torch.equal(out[1], h[1]) and not torch.equal(out[0], h[0])
+    assert torch.equal(coef, before)                # the plan writes its own buffer, never the caller's coef
+
+
+def test_plan_update_is_in_place_and_follows_coef():
+    h, vecs, coef, _ = make_case(3, 1, 40, 1, 2, torch.float32, "none")
+    plan = Plan(vecs, 1).update(coef)
+    C, beta = plan.C, plan.beta
+    coef2 = coef.flip(0).contiguous()
+    assert plan.update(coef2) is plan and plan.C is C and plan.beta is beta   # same tensors, new values
+    torch.testing.assert_close(cpu_steer_(h.clone(), vecs, coef2, 1, None, plan),
+                               reference_steer_(h.clone(), vecs, coef2, 1), rtol=1e-5, atol=1e-5)
+    plan.update(coef2[:1])                          # new row count: new tensors
+    assert plan.C.shape == (1, 3) and plan.beta.shape == (1, 1)
+    add = Plan(vecs[1:], 0).update(coef[:, 1:])
+    bias = add.bias
+    assert add.update(coef2[:, 1:]).bias is bias
+
+
+@pytest.mark.parametrize("impl", [reference_steer_, cpu_steer_, cpu_with_plan], ids=["reference", "cpu", "plan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_zero_coef_rows_and_masked_tokens_bit_exact(impl, dtype):
     h, vecs, coef, _ = make_case(3, 6, 75, 2, 2, dtype, "none")
@@ -150,8 +204,9 @@ def test_strided_h(impl, dtype):
 
 def test_empty_batch():
     vecs = torch.randn(2, 8)
-    for impl in (reference_steer_, cpu_steer_):
-        assert impl(torch.empty(0, 3, 8), vecs, torch.ones(0, 2), 1).shape == (0, 3, 8)
+    for impl in (reference_steer_, cpu_steer_, cpu_with_plan):
+        for T in (3, 1):
+            assert impl(torch.empty(0, T, 8), vecs, torch.ones(0, 2), 1).shape == (0, T, 8)
 
 
 def test_use_switches_and_restores():

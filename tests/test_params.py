@@ -108,6 +108,7 @@ def test_per_row_matches_merged_reference(setup, rank):
     with MergedTaskSteering(model, vec, 0.5):
         assert (uni - model(ids).logits).abs().max() <= 1e-5
     assert _same(model, snap) and not h.active
+    assert not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in model.modules())
 
 
 @torch.no_grad()
@@ -180,7 +181,8 @@ def test_per_request_norm_deltas_and_non_affine_modules():
     if fused:  # transformers 5: fused expert tensors, used non-linearly inside one module
         with pytest.raises(ConfigError, match="not affine"):
             TaskSteering(moe, tv_moe, 1.0)
-        assert not any(m._forward_hooks for m in moe.modules()) and not moe._forward_pre_hooks
+        assert not moe._forward_pre_hooks
+        assert not any(m._forward_hooks or "forward" in m.__dict__ for m in moe.modules())
     else:  # transformers 4.x: router and experts are plain Linear modules, applied exactly per row
         with torch.no_grad():
             with TaskSteering(moe, tv_moe, 1.0) as t:

@@ -4,7 +4,7 @@ the conditional gate, the input site, and hooks that always come off."""
 import pytest
 import torch
 
-from capture import around
+from capture import around, assert_unhooked
 from steer import Condition, SteeredModel, SteeringVector
 from steer.errors import AlphaError, ConfigError, LayerError
 from steer.kernels import use
@@ -123,7 +123,7 @@ def test_conditional_from_vector_file_and_ordering_error(sm, vec, tmp_path):
                               condition_direction=torch.randn(D))
     with pytest.raises(ConfigError, match="condition is read after"):
         sm.steer(cond_vec)
-    assert not sm.model._forward_pre_hooks and not sm.layers[1]._forward_hooks
+    assert_unhooked(sm.model, sm.layers)
     ok = sm.steer(cond_vec, scope="generated")
     assert ok.condition.layer == 3
     ok.remove()
@@ -161,23 +161,23 @@ def test_hooks_come_off_after_exceptions(sm, vec):
     with pytest.raises(RuntimeError, match="boom"):
         with sm.steer(vec, layers=[1, 2]):
             raise RuntimeError("boom")
-    assert not sm.model._forward_pre_hooks and not any(b._forward_hooks for b in sm.layers)
+    assert_unhooked(sm.model, sm.layers)
     with pytest.raises(AlphaError):
         with sm.steer(vec, layers=[1]) as h:
             h.set_alphas([1.0, 2.0, 3.0])
             with torch.no_grad():
                 sm.model(torch.randint(3, V, (2, 4)))
-    assert not sm.model._forward_pre_hooks and not any(b._forward_hooks for b in sm.layers)
+    assert_unhooked(sm.model, sm.layers)
     with pytest.raises(AlphaError):
         sm.generate(["w5"], vector=vec, alphas=[float("nan")])
-    assert not sm.model._forward_pre_hooks
+    assert_unhooked(sm.model, sm.layers)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "x"])
 def test_bad_alpha_rejected_before_attaching(sm, vec, bad):
     with pytest.raises(AlphaError):
         sm.steer(vec, alpha=bad)
-    assert not sm.model._forward_pre_hooks
+    assert_unhooked(sm.model, sm.layers)
 
 
 def test_unknown_layer_rejected(sm, vec):
@@ -185,7 +185,7 @@ def test_unknown_layer_rejected(sm, vec):
         sm.steer(vec, layers=[7])
     with pytest.raises(LayerError, match="no direction for layer 2"):
         sm.steer(SteeringVector({0: vec.directions[0], 1: vec.directions[1]}), layers=[2])
-    assert not sm.model._forward_pre_hooks
+    assert_unhooked(sm.model, sm.layers)
 
 
 def test_grad_mode_does_not_modify_in_place(sm, vec):
@@ -194,6 +194,16 @@ def test_grad_mode_does_not_modify_in_place(sm, vec):
         logits = sm.model(ids).logits
     logits.sum().backward()  # autograd works through the (out-of-place) steered activations
     assert sm.model.model.embed_tokens.weight.grad is not None
+
+
+def test_hidden_states_show_the_steered_output_with_and_without_autograd(sm, vec):
+    ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        base = sm.model(ids, output_hidden_states=True).hidden_states[2]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), sm.steer(vec, alpha=1.5, layers=[1]):
+            got = sm.model(ids, output_hidden_states=True).hidden_states[2]
+        assert torch.equal(got.detach(), base + 1.5 * vec.directions[1]), grad
 
 
 def test_multiple_directions_ablate_removes_the_subspace(sm):

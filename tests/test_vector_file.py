@@ -5,8 +5,10 @@ import pickle
 
 import pytest
 import torch
+
 from safetensors.torch import save_file
 
+from capture import assert_unhooked
 from steer import SteeredModel, SteeringVector
 from steer.errors import ModelMismatchError, VectorFileError
 from tiny_models import D, tiny_model
@@ -66,7 +68,7 @@ def test_mismatches_are_clear_errors():
         SteeringVector({9: torch.ones(D)}).check_model(fp)
     with pytest.raises(ModelMismatchError):  # refused before any hook is attached
         sm.steer(SteeringVector({1: torch.ones(D + 8)}))
-    assert not sm.model._forward_pre_hooks
+    assert_unhooked(sm.model, sm.layers)
 
 
 def test_non_finite_direction_rejected():
@@ -139,4 +141,4 @@ def test_file_op_is_the_default_mode_and_zero_directions_cannot_be_ablated():
         assert h.op == "ablate"
     with pytest.raises(Exception, match="zero direction"):
         sm.steer(SteeringVector({1: torch.zeros(D)}), mode="ablate")
-    assert not sm.model._forward_pre_hooks
+    assert_unhooked(sm.model, sm.layers)

@@ -5,8 +5,10 @@ import random
 
 import pytest
 import torch
+
 from typer.testing import CliRunner
 
+from capture import assert_unhooked
 from steer import SteeredModel, SteeringVector
 from steer.errors import AlphaError, ConfigError, VectorFileError
 from steer.kernels import use
@@ -91,7 +93,7 @@ def test_clamp_matches_plain_computation(sm, activation, site):
         assert handle.site == site and handle.layers == [LAYER]
         got = sm.model(IDS).logits
     assert (got - want).abs().max() <= 1e-5
-    assert not sm.model._forward_hooks and not any(b._forward_hooks or b._forward_pre_hooks for b in sm.layers)
+    assert_unhooked(sm.model, sm.layers)
 
 
 @torch.no_grad()
@@ -133,13 +135,13 @@ def test_clamp_validation_before_attaching(sm, tmp_path):
                         ({"features": [1], "layers": [99]}, Exception)):
         with pytest.raises(err):
             clamp_features(sm, vec, **kwargs)
-        assert not any(b._forward_hooks or b._forward_pre_hooks for b in sm.layers)
+        assert_unhooked(sm.model, sm.layers)
     with pytest.raises(VectorFileError):
         clamp_features(sm, SteeringVector({1: torch.ones(D)}), features=[1])
     with clamp_features(sm, vec, features=[1], value=[1.0, 2.0]):
         with pytest.raises(AlphaError):
             sm.model(IDS)  # 3 rows, 2 values
-    assert not any(b._forward_hooks for b in sm.layers)
+    assert_unhooked(sm.model, sm.layers)
     # round trip through a file; default feature = the top one
     loaded = SteeringVector.load(vec.save(tmp_path / "s.safetensors"))
     with clamp_features(sm, loaded, value=1.0) as h:
@@ -147,7 +149,7 @@ def test_clamp_validation_before_attaching(sm, tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         with clamp_features(sm, loaded, value=1.0):
             raise RuntimeError("boom")
-    assert not any(b._forward_hooks for b in sm.layers)
+    assert_unhooked(sm.model, sm.layers)
 
 
 def test_auc_and_hook_names():

@@ -25,7 +25,8 @@ ROW_METRICS = ("harmful_refusal", "harmless_refusal", "capability", "jailbreak",
 
 
 def _summary(metrics: dict) -> dict:
-    """Collapse a config's metrics to the demo table's columns (jailbreak / prefill: mean over families)."""
+    """Collapse a config's metrics to the demo table's columns (jailbreak / prefill: the worst family, as the
+    README's table; the mean over families is kept as ``*_mean``)."""
     out = {}
     for key in ("harmful_refusal", "harmless_refusal", "capability", "injection_success"):
         if key in metrics:
@@ -33,8 +34,8 @@ def _summary(metrics: dict) -> dict:
     for group in ("jailbreak", "prefill"):
         vals = [m["rate"] for k, m in metrics.items() if k.startswith(group + ":")]
         if vals:
-            out[group] = sum(vals) / len(vals)
-            out[group + "_min"] = min(vals)
+            out[group] = min(vals)
+            out[group + "_mean"] = sum(vals) / len(vals)
     return out
 
 
@@ -130,7 +131,8 @@ def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int 
     table = Table(title="held-out built-in suite")
     table.add_column("model")
     for key in ROW_METRICS:
-        table.add_column(key.replace("_", " "), justify="right")
+        table.add_column(key.replace("_", " ") + (" (worst)" if key in ("jailbreak", "prefill") else ""),
+                         justify="right")
     for name, s in summary_rows.items():
         table.add_row(name, *[f"{100 * s[k]:.1f}%" if k in s else "-" for k in ROW_METRICS])
     console.print(table)
@@ -190,7 +192,7 @@ def _plot_rows(summary_rows: dict, path: Path) -> None:
     ax.set_ylim(0, 105)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
-    ax.set_title("steer demo: held-out built-in suite (jailbreak / prefill = mean refusal over attack families)")
+    ax.set_title("steer demo: held-out built-in suite (jailbreak / prefill = refusal under the worst attack family)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
