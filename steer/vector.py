@@ -343,15 +343,18 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise VectorFileError(f"vector file not found: {path}", expected="an existing .safetensors file",
                               found="no such file", fix="check the path")
     with open(path, "rb") as fh:
-        head = fh.read(8)
-    if any(head.startswith(m) for m in _PICKLE_MAGIC):
-        raise VectorFileError(
-            f"{path} is a pickle / torch.save file, not safetensors",
-            expected="a safetensors file written by steer",
-            found="pickle data (refused: loading pickle can execute code)",
-            fix="recompute the vector with steer, or convert trusted tensors with safetensors.torch.save_file",
-        )
-    if len(head) < 8 or struct.unpack("<Q", head)[0] > 100_000_000:
+        head = fh.read(9)
+    # a safetensors file: an 8-byte little-endian header length N, then N bytes of JSON ("{...}"); checked first,
+    # because N's first byte can be anything (0x80 = a pickle's first byte, for 1 header length in 256)
+    n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
+    if n is None or n > 100_000_000 or 8 + n > path.stat().st_size or head[8:9] != b"{":
+        if any(head.startswith(m) for m in _PICKLE_MAGIC):
+            raise VectorFileError(
+                f"{path} is a pickle / torch.save file, not safetensors",
+                expected="a safetensors file written by steer",
+                found="pickle data (refused: loading pickle can execute code)",
+                fix="recompute the vector with steer, or convert trusted tensors with safetensors.torch.save_file",
+            )
         raise VectorFileError(f"{path} is not a safetensors file", expected="a safetensors file written by steer",
                               found=f"{len(head)} leading bytes that are no safetensors header",
                               fix="pass a vector file made by steer (steer vectors ...)")

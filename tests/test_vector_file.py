@@ -92,6 +92,18 @@ def test_pickle_renamed_is_refused_without_unpickling(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_header_length_that_starts_like_a_pickle_still_loads(tmp_path):
+    """A safetensors header length whose first byte is 0x80 (1 length in 256) is not a pickle (was misread)."""
+    for pad in range(600):
+        v = SteeringVector({1: torch.ones(D)}, {"provenance": {"note": "x" * pad}})
+        path = v.save(tmp_path / "v.safetensors")
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no padding gave a header length starting with 0x80")
+    assert torch.equal(SteeringVector.load(path).directions[1], torch.ones(D))
+
+
 def test_garbage_missing_and_foreign_files(tmp_path):
     g = tmp_path / "g.safetensors"
     g.write_bytes(b"hello world, not tensors at all")
