@@ -39,3 +39,10 @@ def assert_unhooked(model, blocks) -> None:
     assert not model._forward_pre_hooks and not model._forward_hooks
     for b in blocks:
         assert not b._forward_hooks and not b._forward_pre_hooks and "forward" not in b.__dict__
+
+
+def greedy(sm, ids, attn, n=4):
+    """Greedy ``generate`` of ``n`` new tokens on a SteeredModel's model (KV cache on, no grad)."""
+    with torch.no_grad():
+        return sm.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, do_sample=False,
+                                 pad_token_id=0)

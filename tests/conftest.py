@@ -25,3 +25,24 @@ def exact_and_one_thread():
     yield
     torch.set_num_threads(old)
     K.use(prev)
+
+
+@pytest.fixture
+def sm():
+    """A SteeredModel around the tiny Llama with the tiny tokenizer (modules may override)."""
+    from steer import SteeredModel
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    return SteeredModel(tiny_model("llama"), tiny_tokenizer())
+
+
+@pytest.fixture
+def vec():
+    """A 4-layer add vector for the tiny Llama (seeded)."""
+    import torch
+
+    from steer import SteeringVector
+    from tiny_models import D
+
+    torch.manual_seed(3)
+    return SteeringVector({i: torch.randn(D) * 4 for i in range(4)})

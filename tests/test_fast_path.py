@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import steer.hooks
-from capture import around
-from steer import Condition, SteeredModel, SteeringVector
+from capture import around, greedy
+from steer import Condition
 from steer.kernels import use
-from tiny_models import D, tiny_model, tiny_tokenizer
+from tiny_models import D
 
 
 @pytest.fixture(autouse=True)
@@ -21,23 +21,6 @@ def cpu_kernel():
     previous = use("cpu")
     yield
     use(previous)
-
-
-@pytest.fixture
-def sm():
-    return SteeredModel(tiny_model("llama"), tiny_tokenizer())
-
-
-@pytest.fixture
-def vec():
-    torch.manual_seed(3)
-    return SteeringVector({i: torch.randn(D) * 4 for i in range(4)})
-
-
-def _gen(sm, ids, attn, n=4):
-    with torch.no_grad():
-        return sm.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, do_sample=False,
-                                 pad_token_id=0)
 
 
 def _batch():
@@ -56,7 +39,7 @@ def test_add_is_exact_at_every_step(sm, vec, scope):
     alphas = [1.5, 0.0, -2.0]
     with around(sm.layers[2], lambda: sm.steer(vec, layers=[2], scope=scope)) as (pre, post, h):
         h.set_alphas(alphas)
-        _gen(sm, ids, attn)
+        greedy(sm, ids, attn)
     assert [p.shape[1] for p in pre] == [5, 1, 1, 1]
     for step, (a, b) in enumerate(zip(pre, post)):
         for row, alpha in enumerate(alphas):
@@ -70,7 +53,7 @@ def test_ablate_add_matches_the_formula_at_every_step(sm, vec, alphas):
     ids, attn = _batch()
     with around(sm.layers[1], lambda: sm.steer(vec, layers=[1], mode="ablate_add")) as (pre, post, h):
         h.set_alphas(alphas)
-        _gen(sm, ids, attn)
+        greedy(sm, ids, attn)
     assert len(pre) == 4
     for a, b in zip(pre, post):
         for row, alpha in enumerate(alphas):
@@ -92,7 +75,7 @@ def test_gate_closed_rows_stay_exact_and_open_rows_follow(sm, vec, mode):
     cond = Condition(layer=0, direction=cdir, threshold=threshold)
     with around(sm.layers[2], lambda: sm.steer(vec, alpha=2.0, layers=[2], mode=mode, condition=cond)) as (
             pre, post, h):
-        _gen(sm, ids, attn)
+        greedy(sm, ids, attn)
         gate = h.last_gate.clone()
     assert gate.any() and not gate.all()
     for a, b in zip(pre, post):
@@ -114,7 +97,7 @@ def test_decode_steps_take_the_plan_path(sm, vec, mode, monkeypatch):
     monkeypatch.setattr(steer.hooks, "steer_", lambda h, *a: (calls.append(h.shape[1]), real(h, *a))[1])
     ids, attn = _batch()
     with sm.steer(vec, layers=[1, 2], mode=mode, alpha=1.0):
-        _gen(sm, ids, attn)
+        greedy(sm, ids, attn)
     assert calls == []
 
 
@@ -123,7 +106,7 @@ def test_a_layer_called_alone_does_not_inherit_the_decode_flag(sm, vec):
     ids, attn = _batch()
     with sm.steer(vec, layers=[1], mode="ablate_add") as h:
         h.set_alphas([1.0, 2.0, 3.0])
-        _gen(sm, ids, attn, n=2)
+        greedy(sm, ids, attn, n=2)
         assert h._decode is False
         x = torch.randn(1, 3, D)
         emb = sm.model.model.rotary_emb(x, torch.arange(3)[None])

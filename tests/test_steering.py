@@ -4,11 +4,11 @@ the conditional gate, the input site, and hooks that always come off."""
 import pytest
 import torch
 
-from capture import around, assert_unhooked
+from capture import around, assert_unhooked, greedy
 from steer import Condition, SteeredModel, SteeringVector
 from steer.errors import AlphaError, ConfigError, LayerError
 from steer.kernels import use
-from tiny_models import D, V, tiny_model, tiny_tokenizer
+from tiny_models import D, V
 
 
 @pytest.fixture(autouse=True)
@@ -16,23 +16,6 @@ def reference_kernel():
     previous = use("reference")
     yield
     use(previous)
-
-
-@pytest.fixture
-def sm():
-    return SteeredModel(tiny_model("llama"), tiny_tokenizer())
-
-
-@pytest.fixture
-def vec():
-    torch.manual_seed(3)
-    return SteeringVector({i: torch.randn(D) * 4 for i in range(4)})
-
-
-def _gen(sm, ids, attn, n=4):
-    with torch.no_grad():
-        return sm.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, do_sample=False,
-                                 pad_token_id=0)
 
 
 def _left_padded():
@@ -44,7 +27,7 @@ def _left_padded():
 def test_scope_under_kv_cache_and_left_padding(sm, vec, scope):
     ids, attn = _left_padded()
     with around(sm.layers[2], lambda: sm.steer(vec, alpha=1.5, layers=[2], scope=scope)) as (pre, post, _):
-        _gen(sm, ids, attn)
+        greedy(sm, ids, attn)
     assert [p.shape[1] for p in pre] == [5, 1, 1, 1]
     for step, (a, b) in enumerate(zip(pre, post)):
         steered = scope == "all" or (scope == "prompt") == (step == 0)
@@ -107,7 +90,7 @@ def test_conditional_gate_per_row_held_for_generated_tokens(sm, vec):
     threshold = float(scores.mean())  # one row above, one below
     cond = Condition(layer=1, direction=cdir, threshold=threshold)
     with around(sm.layers[2], lambda: sm.steer(vec, alpha=2.0, layers=[2], condition=cond)) as (pre, post, h):
-        _gen(sm, ids, attn)
+        greedy(sm, ids, attn)
         gate = h.last_gate.clone()
     assert gate.tolist() == (scores > threshold).tolist() and gate.any() and not gate.all()
     assert len(pre) == 4
