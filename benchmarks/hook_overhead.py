@@ -94,8 +94,9 @@ def in_context(new: int = 16, reps: int = 5, rounds: int = 21) -> None:
         acc = [0.0, 0]
         with Steering(model, vec, SteeringConfig(mode=mode, layers=list(range(n)), alpha=1.0)) as st:
             for wrap in st._handles:           # time steer's per-layer function from the outside
-                if isinstance(wrap, ForwardWrap):
-                    body = wrap._state[1]
+                if isinstance(wrap, ForwardWrap) and wrap._post is not None:
+                    posts = wrap._w.posts
+                    body = wrap._post
 
                     def timed(m, a, out, body=body):
                         if out.shape[1] != 1:
@@ -105,7 +106,7 @@ def in_context(new: int = 16, reps: int = 5, rounds: int = 21) -> None:
                         acc[0] += time.perf_counter() - t0
                         acc[1] += 1
                         return r
-                    wrap._state[1] = timed
+                    posts[posts.index(body)] = wrap._post = timed
             per_run = []
             for _ in range(reps):
                 acc[:] = [0.0, 0]

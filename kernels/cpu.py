@@ -40,6 +40,7 @@ class Plan:
     __slots__ = ("n_ablate", "vecs", "neg_rt", "proj", "C", "C_proj", "beta", "per_row_beta", "bias", "rows", "d",
                  "R")
 
+    @torch.inference_mode(False)  # its buffers are written in place later, possibly outside inference mode
     def __init__(self, vecs: torch.Tensor, n_ablate: int):
         self.n_ablate = n_ablate
         self.vecs = vecs                                        # [J+K, d]
@@ -53,6 +54,7 @@ class Plan:
         self.bias: torch.Tensor | None = None                   # [rows, 1, d] = sum_k alpha_k v_k; None if K = 0
         self.rows, self.d = 0, vecs.shape[1]                    # decode_ takes [rows, (1,) d]
 
+    @torch.inference_mode(False)
     def update(self, coef: torch.Tensor) -> Plan:
         J = self.n_ablate
         coef = coef.float()
@@ -115,7 +117,7 @@ def cpu_steer_(h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate
     ``plan``: a :class:`Plan` of these ``vecs``/``n_ablate``, updated with this ``coef`` (optional).
     """
     B, T, d = h.shape
-    if plan is not None and mask is None:
+    if plan is not None and mask is None and not (h.requires_grad and torch.is_grad_enabled()):
         if n_ablate == 0:                                               # + sum_k alpha_k v_k, any T and dtype
             return h if plan.bias is None else h.add_(plan.bias)
         if h.dtype == torch.float32 and plan.apply_(h, T == 1):

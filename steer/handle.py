@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import types
 
 
@@ -29,61 +30,90 @@ class HookSet:
         self.remove()
 
 
+class _Wrapped:
+    """The per-module state behind :class:`ForwardWrap`: the forward it replaced and the ordered pre/post lists.
+
+    Stored on the module under a key of its own, so ``copy.deepcopy`` copies it with the module (as torch copies
+    a module's hook dicts) and the installed forward — a method bound to the module that knows only that key —
+    finds the copy's own state. A key per wrapper lets wrappers stack (ours, another library's, ours again).
+    """
+
+    def __init__(self, module):
+        self.key = f"_steer_forward_{next(_keys)}"
+        self.previous = module.__dict__.get("forward")  # an instance-level forward (another library's) or None
+        self.class_forward = type(module).forward
+        self.pres: list = []
+        self.posts: list = []
+        self.method = types.MethodType(_make_forward(self.key), module)
+
+
+_keys = itertools.count()
+
+
+def _make_forward(key: str):
+    def forward(mod, *args, **kwargs):
+        w = mod.__dict__[key]
+        for pre in w.pres:
+            new = pre(mod, args, kwargs)
+            if new is not None:
+                args, kwargs = new
+        out = w.previous(*args, **kwargs) if w.previous is not None else w.class_forward(mod, *args, **kwargs)
+        for post in w.posts:
+            new = post(mod, args, out)
+            if new is not None:
+                out = new
+        return out
+
+    forward._steer_key = key
+    return forward
+
+
 class ForwardWrap:
     """Run ``pre``/``post`` around one module's forward by wrapping it: a forward hook's contract, a plain call's
     price.
 
     ``pre(module, args, kwargs) -> (args, kwargs) | None`` runs before the forward; ``post(module, args, output)
-    -> output | None`` after it (None keeps the value). Why not ``register_forward_hook``: once a module has any
-    hook, torch sends every call of it through its general hook dispatch, measured at ~9 µs per call inside a
-    decode step here against ~1.6 µs for a wrapped forward (``benchmarks/hook_overhead.py``) — at 30 steered
-    layers that alone is most of the steering budget. Because the wrapper is the forward, forward hooks and
+    -> output | None`` after it (None keeps the value). Several on one module run in the order they were added,
+    pres and posts alike, as torch's hooks do. Why not ``register_forward_hook``: once a module has any hook,
+    torch sends every call of it through its general hook dispatch, measured at ~9 µs per call inside a decode
+    step here against ~1 µs for a wrapped forward (``benchmarks/hook_overhead.py``) — at 30 steered layers that
+    alone was most of the steering budget. Because the wrapper is the forward, forward hooks and
     ``output_hidden_states`` see the steered output, whatever order things were registered in.
 
-    The wrapper is a method bound to the module (``copy.deepcopy`` rebinds it to the copy) that calls whatever
-    forward the module had before (its class's, or another wrapper such as accelerate's). :meth:`remove` puts
-    that back when this wrapper is still the outermost; when something wrapped the module after us, it leaves
-    the wrapper in their chain but inert (it then just calls through).
+    One wrapper per module while ours is the outermost: it calls whatever forward the module had before (its class's, or another wrapper such
+    as accelerate's). When the last ForwardWrap on a module is removed the previous forward is put back, if our
+    wrapper is still the outermost; if something wrapped the module after us, ours stays in that chain with
+    nothing to run (it just calls through).
     """
 
     def __init__(self, module, post=None, pre=None):
-        self.module = module
-        previous = module.__dict__.get("forward")       # an instance-level forward (another wrapper) or None
-        class_forward = type(module).forward
-        state = self._state = [pre, post]
+        top = module.__dict__.get("forward")
+        w = module.__dict__.get(getattr(getattr(top, "__func__", None), "_steer_key", ""))
+        if w is None or top is not w.method:            # none of ours outermost: install one
+            w = _Wrapped(module)
+            module.__dict__[w.key] = w
+            module.forward = w.method
+        self.module, self._w, self._pre, self._post = module, w, pre, post
+        if pre is not None:
+            w.pres.append(pre)
+        if post is not None:
+            w.posts.append(post)
         self._removed = False
 
-        def forward(mod, *args, **kwargs):
-            pre_fn, post_fn = state
-            if pre_fn is not None:
-                new = pre_fn(mod, args, kwargs)
-                if new is not None:
-                    args, kwargs = new
-            out = previous(*args, **kwargs) if previous is not None else class_forward(mod, *args, **kwargs)
-            if post_fn is not None:
-                new = post_fn(mod, args, out)
-                if new is not None:
-                    out = new
-            return out
-
-        forward._steer_wrap = self                       # lets remove() unwind inert wrappers of ours
-        self._previous = previous
-        self._method = types.MethodType(forward, module)
-        module.forward = self._method
-
     def remove(self) -> None:
-        """Stop running pre/post and restore the module's previous forward if nothing wrapped it since."""
+        """Stop running pre/post; restore the module's previous forward when nothing of ours is left on it."""
         if self._removed:
             return
         self._removed = True
-        self._state[:] = [None, None]
-        module = self.module
-        top = module.__dict__.get("forward")
-        wrap = getattr(getattr(top, "__func__", None), "_steer_wrap", None)
-        while wrap is not None and wrap._removed and top is wrap._method:   # unwind removed wrappers on top
-            if wrap._previous is None:
-                del module.forward
-            else:
-                module.forward = wrap._previous
-            top = module.__dict__.get("forward")
-            wrap = getattr(getattr(top, "__func__", None), "_steer_wrap", None)
+        w, module = self._w, self.module
+        if self._pre is not None:
+            w.pres.remove(self._pre)
+        if self._post is not None:
+            w.posts.remove(self._post)
+        if w.pres or w.posts or module.__dict__.get("forward") is not w.method:
+            return
+        if w.previous is None:
+            del module.forward
+        else:
+            module.forward = w.previous
+        del module.__dict__[w.key]

@@ -166,6 +166,7 @@ class Steering(HookSet):
                          "layer N's direction at every steered layer")
 
     # ------------------------------------------------------------------ per-row α
+    @torch.inference_mode(False)  # persistent buffers must stay writable outside inference mode
     def _build_coef(self, alphas: torch.Tensor) -> None:
         n_add = next(iter(self._vecs.values())).shape[0] - self.n_ablate
         a = alphas.float()[:, None]
@@ -176,7 +177,7 @@ class Steering(HookSet):
         else:
             coef = torch.cat([(a != 0).float().expand(-1, self.n_ablate), a.expand(-1, n_add)], dim=1)
         for dev in self._devices:
-            c = coef.to(dev).contiguous()
+            c = coef.to(dev).clone(memory_format=torch.contiguous_format)   # a normal tensor, ours alone
             if dev in self._coef and self._coef[dev].shape == c.shape:
                 self._coef[dev].copy_(c)
             else:

@@ -91,6 +91,7 @@ class TaskSteering(HookSet):
             self._coef.append(torch.zeros(1, 1, 1))
         return self._devices.index(device)
 
+    @torch.inference_mode(False)  # persistent buffers must stay writable outside inference mode
     def _build_coef(self, alphas: torch.Tensor) -> None:
         self._uniform = bool((alphas == alphas.reshape(-1)[0]).all())
         col = alphas.float().reshape(-1, 1, 1)
@@ -98,7 +99,7 @@ class TaskSteering(HookSet):
             if self._coef[i].shape == col.shape and self._coef[i].device == dev:
                 self._coef[i].copy_(col)  # in place: hooks (and compiled graphs) keep the same tensor
             else:
-                self._coef[i] = col.to(dev).contiguous()
+                self._coef[i] = col.to(dev).clone(memory_format=torch.contiguous_format)
 
     def set_alphas(self, alphas) -> None:
         """One α per batch row (a float sets every row). 0 leaves a row bit-exactly unsteered."""

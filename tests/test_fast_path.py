@@ -112,3 +112,24 @@ def test_a_layer_called_alone_does_not_inherit_the_decode_flag(sm, vec):
         emb = sm.model.model.rotary_emb(x, torch.arange(3)[None])
         with torch.no_grad(), pytest.raises(RuntimeError):     # 3 coefficient rows vs a batch of 1: refused
             sm.layers[1](x, position_embeddings=emb, attention_mask=None)
+
+
+@pytest.mark.parametrize("site", ["output", "input"])
+def test_autograd_through_the_cpu_path_one_token(sm, vec, site):
+    """A plain (grad-enabled) one-token forward with ablation: the plan's in-place GEMM must not be used."""
+    ids = torch.randint(3, 90, (2, 1), generator=torch.Generator().manual_seed(0))
+    with sm.steer(vec, layers=[1], mode="ablate_add", site=site):
+        sm.model(ids).logits.sum().backward()
+    assert sm.model.model.embed_tokens.weight.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["add", "ablate_add"])
+def test_buffers_made_under_inference_mode_stay_usable(sm, vec, mode):
+    ids = torch.randint(3, 90, (2, 1), generator=torch.Generator().manual_seed(0))
+    with sm.steer(vec, layers=[1], mode=mode) as h:
+        with torch.inference_mode():
+            sm.model(ids)                       # rows fitted (buffers reallocated) inside inference mode
+        with torch.no_grad():
+            sm.model(ids)
+            h.set_alphas([1.0, 2.0])
+            sm.model(ids)

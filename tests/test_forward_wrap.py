@@ -66,3 +66,34 @@ def test_deepcopy_binds_the_copy():
     assert torch.equal(c(x), torch.ones(2, 4))   # the copy's own weights, still wrapped
     assert not torch.equal(m(x), c(x))
     w.remove()
+
+
+def test_order_matches_torch_hooks_and_stacking_over_another_wrapper():
+    m, x = _lin(), torch.randn(1, 4)
+    base = m(x)
+    seen = []
+    a = ForwardWrap(m, pre=lambda mod, args, kw: seen.append("a") or ((args[0] + 1.0,), kw))
+    b = ForwardWrap(m, pre=lambda mod, args, kw: seen.append("b") or ((args[0] * 2.0,), kw))
+    assert torch.equal(m(x), m.__class__.forward(m, (x + 1.0) * 2.0)) and seen[:2] == ["a", "b"]  # as pre-hooks
+    mine = m.forward
+    m.forward = functools.partial(lambda module, inp: mine(inp) - 1.0, m)   # another library wraps ours
+    c = ForwardWrap(m, post=lambda mod, args, out: out * 0.0)                # ours again, outermost
+    assert torch.equal(m(x), torch.zeros_like(base))
+    c.remove()
+    a.remove()
+    b.remove()
+    assert torch.equal(m(x), base - 1.0)                                     # their wrapper still works
+    assert [k for k in m.__dict__ if k.startswith("_steer_forward")] != []   # ours stays inert inside theirs
+
+
+def test_deepcopy_with_another_wrapper_underneath():
+    m, x = _lin(), torch.randn(2, 4)
+    m.forward = functools.partial(lambda module, inp: type(module).forward(module, inp), m)
+    w = ForwardWrap(m, post=lambda mod, args, out: out + 1.0)
+    c = copy.deepcopy(m)
+    with torch.no_grad():
+        c.weight.zero_()
+        c.bias.zero_()
+    assert torch.equal(c(x), torch.ones(2, 4))
+    w.remove()
+    assert torch.equal(c(x), torch.ones(2, 4))   # the copy keeps its own wrapper (as torch hooks are copied)
