@@ -15,8 +15,9 @@ the per-row coefficients is computed when they change, in a :class:`Plan`:
   ``x - beta*P*r + alpha*v`` for all directions at once: 2 ATen calls (3 with per-row beta) plus a view;
 * ablation over several tokens per row (a prompt): ``P = mm(x, -beta R^T)``, ``x.addmm_(P, R)``, ``h.add_(bias)``.
 
-Everything else (no plan, fp16/bf16 or non-contiguous h, a token mask) takes the general path: ``C = [P | -1] * coef`` (masked tokens -> 0) and one ``x.addmm_(C, vecs, alpha=-1)``, via one
-fp32 copy for half dtypes. Rows whose coefficients are all zero, and masked-out tokens, get ``x + 0``, which is ``x``.
+Everything else (no plan, fp16/bf16 or non-contiguous h, a token mask, h that needs autograd) takes the general
+path: ``C = [P | -1] * coef`` (masked tokens -> 0) and one ``x.addmm_(C, vecs, alpha=-1)``, via one fp32 copy
+for half dtypes. Rows whose coefficients are all zero, and masked-out tokens, get ``x + 0``, which is ``x``.
 ``torch.compile`` of the same maths measured ~2x slower per call on CPU (guard and wrapper overhead), so it is
 not used. Also correct (not fastest) on CUDA tensors.
 """
@@ -52,7 +53,7 @@ class Plan:
         self.beta: torch.Tensor | None = None                   # [rows, J]
         self.per_row_beta = False
         self.bias: torch.Tensor | None = None                   # [rows, 1, d] = sum_k alpha_k v_k; None if K = 0
-        self.rows, self.d = 0, vecs.shape[1]                    # decode_ takes [rows, (1,) d]
+        self.rows, self.d = 0, vecs.shape[1]                    # apply_(one_token=True) takes [rows, 1, d]
 
     @torch.inference_mode(False)
     def update(self, coef: torch.Tensor) -> Plan:

@@ -80,10 +80,10 @@ class ForwardWrap:
     alone was most of the steering budget. Because the wrapper is the forward, forward hooks and
     ``output_hidden_states`` see the steered output, whatever order things were registered in.
 
-    One wrapper per module while ours is the outermost: it calls whatever forward the module had before (its class's, or another wrapper such
-    as accelerate's). When the last ForwardWrap on a module is removed the previous forward is put back, if our
-    wrapper is still the outermost; if something wrapped the module after us, ours stays in that chain with
-    nothing to run (it just calls through).
+    One wrapper per module while ours is the outermost: it calls whatever forward the module had before (its
+    class's, or another wrapper such as accelerate's). When the last ForwardWrap on a module is removed the
+    previous forward is put back, if our wrapper is still the outermost; if something wrapped the module after
+    us, ours stays in that chain with nothing to run (it just calls through).
     """
 
     def __init__(self, module, post=None, pre=None):
