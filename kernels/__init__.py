@@ -77,8 +77,7 @@ def steer_(h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate: in
 def plan_for(vecs: torch.Tensor, n_ablate: int) -> Plan | None:
     """A :class:`Plan` for these vectors when the active implementation on their device is the CPU path, else
     None (the reference, and Triton on CUDA, take ``coef`` as it is). Read once, when steering is attached."""
-    impl = _cuda if vecs.is_cuda else _host
-    return Plan(vecs, n_ablate) if impl is cpu_steer_ and not vecs.is_cuda else None
+    return Plan(vecs, n_ablate) if not vecs.is_cuda and _host is cpu_steer_ else None
 
 
 def _default() -> str:
