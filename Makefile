@@ -17,13 +17,20 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# The optional native CPU decode step (kernels/native.cpp): compiled once per source/torch/Python (~25 s),
+# then a ~1 s check that the cached build is there. Without a C++ compiler and ninja it says so and
+# steering stays on the ATen path.
+.PHONY: native
+native: install
+	$(PY) -m steer.kernels.native || echo "(continuing without the native CPU op)"
+
+test: native
 	$(PY) -m pytest -q
 
-demo: install
+demo: native
 	$(VENV)/bin/steer demo
 
-bench: install
+bench: native
 	$(PY) benchmarks/run.py --json benchmarks/results.json
 
 clean:
@@ -38,10 +45,10 @@ $(PEER_VENV)/.installed: pyproject.toml
 	$(PEER_VENV)/bin/python -m pip install -q -e . "transformers==4.57.6" "numpy<2" repeng steering-vectors
 	touch $@
 
-bench-peers: install $(PEER_VENV)/.installed
+bench-peers: native $(PEER_VENV)/.installed
 	$(PY) benchmarks/run.py --peer-python $(PEER_VENV)/bin/python --json benchmarks/results.json
 
-bench-quick: install
+bench-quick: native
 	$(PY) benchmarks/run.py --quick --only activation,lowrank,switch
 
 # The oldest end of the supported range (transformers 4.57, numpy 1.26): the same test suite in its own venv.

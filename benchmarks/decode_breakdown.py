@@ -4,6 +4,8 @@
 
 Same ~135M Llama shape as benchmarks/run.py (30 layers, hidden 576, random weights), B=1, 32 new tokens,
 greedy HF generate; variants interleaved, REPS repetitions, medians (this VM is noisy: use many).
+Steering runs as attached by default: add+ablate's decode step is one native call when the optional op is built
+(``python -m steer.kernels.native``), else three ATen calls (``STEER_NATIVE=0`` to compare).
 """
 
 from __future__ import annotations

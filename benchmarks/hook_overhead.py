@@ -23,7 +23,7 @@ from steer import SteeringVector
 from steer.config import SteeringConfig
 from steer.handle import ForwardWrap
 from steer.hooks import Steering
-from steer.kernels import Plan, steer_
+from steer.kernels import Plan, native, steer_
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run import build_model, generate, prompt_ids  # noqa: E402
@@ -48,14 +48,21 @@ def tight_loop() -> None:
     vecs = torch.randn(2, 576)
     vecs[0] /= vecs[0].norm()
     coef = torch.tensor([[1.0, 1e-3]])  # small α: repeated in-place calls must not blow h up
-    plan, add_vec, add_coef = Plan(vecs, 1).update(coef), vecs[1:].clone(), coef[:, 1:].clone()
+    previous = native.use(False)
+    plan = Plan(vecs, 1).update(coef)             # ATen calls
+    native.use(previous)
+    nplan = Plan(vecs, 1).update(coef)            # the native decode step when built
+    add_vec, add_coef = vecs[1:].clone(), coef[:, 1:].clone()
     add_plan = Plan(add_vec, 0).update(add_coef)
     rows = {"op add+ablate, general path": per_call_us(lambda: steer_(h, vecs, coef, 1), 5000),
-            "op add+ablate, plan (decode)": per_call_us(lambda: steer_(h, vecs, coef, 1, None, plan), 5000),
+            "op add+ablate, plan (decode, ATen)": per_call_us(lambda: steer_(h, vecs, coef, 1, None, plan), 5000),
             "op add only, plan": per_call_us(lambda: steer_(h, add_vec, add_coef, 0, None, add_plan), 5000)}
+    if nplan.native is not None:
+        rows["op add+ablate, plan (decode, native)"] = per_call_us(
+            lambda: steer_(h, vecs, coef, 1, None, nplan), 5000)
     print("tight loop (µs per call)")
     for name, us in rows.items():
-        print(f"  {name:40s} {us:8.1f}")
+        print(f"  {name:44s} {us:8.1f}")
 
 
 @torch.no_grad()
@@ -88,11 +95,19 @@ def in_context(new: int = 16, reps: int = 5, rounds: int = 21) -> None:
         for kind in diffs:
             diffs[kind].append((run(kind) - t_none) / (new * n) * 1e6)
     for kind, d in diffs.items():
-        print(f"  {'dispatch of a no-op ' + kind:40s} {statistics.median(d):8.1f}")
+        print(f"  {'dispatch of a no-op ' + kind:44s} {statistics.median(d):8.1f}")
     vec = SteeringVector({i: torch.randn(576, generator=torch.Generator().manual_seed(i)) * 1e-3 for i in range(n)})
-    for mode in ("add", "ablate_add"):
+    variants = [("add", "add", None), ("ablate_add", "ablate_add, ATen", False)]
+    if native.decode_fn() is not None:
+        variants.append(("ablate_add", "ablate_add, native", None))
+    for mode, label, use_native in variants:
         acc = [0.0, 0]
-        with Steering(model, vec, SteeringConfig(mode=mode, layers=list(range(n)), alpha=1.0)) as st:
+        previous = native.use(use_native)
+        try:
+            st = Steering(model, vec, SteeringConfig(mode=mode, layers=list(range(n)), alpha=1.0))
+        finally:
+            native.use(previous)
+        with st:
             for wrap in st._handles:           # time steer's per-layer function from the outside
                 if isinstance(wrap, ForwardWrap) and wrap._post is not None:
                     posts = wrap._w.posts
@@ -112,7 +127,7 @@ def in_context(new: int = 16, reps: int = 5, rounds: int = 21) -> None:
                 acc[:] = [0.0, 0]
                 generate(model, ids, new)
                 per_run.append(acc[0] / acc[1] * 1e6)
-        print(f"  {'steer per-layer function, ' + mode:40s} {statistics.median(per_run):8.1f}")
+        print(f"  {'steer per-layer function, ' + label:44s} {statistics.median(per_run):8.1f}")
 
 
 if __name__ == "__main__":

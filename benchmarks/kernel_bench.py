@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from steer.kernels import native
 from steer.kernels.cpu import Plan, cpu_steer_
 from steer.kernels.reference import reference_steer_
 
@@ -52,20 +53,31 @@ def per_call_us(impls: dict, args, runs: int) -> dict:
 
 def cpu_table(args) -> None:
     print(f"CPU per-call us (median of {args.runs}, interleaved), d={args.d} J={args.J} K={args.K}, "
-          f"{torch.get_num_threads()} threads; 'cpu+plan' = what steering hooks call (operands precomputed)")
-    print(f"{'B':>4} {'T':>4} {'dtype':>9} {'mask':>5} {'reference':>10} {'cpu':>8} {'cpu+plan':>9} {'speedup':>8}")
+          f"{torch.get_num_threads()} threads; 'cpu+plan' = what steering hooks call (operands precomputed), "
+          "ATen calls; 'native' = the same with the native decode step (one C++ call; fp32 T=1 only, "
+          "'-' where it does not apply or is not built: python -m steer.kernels.native)")
+    print(f"{'B':>4} {'T':>4} {'dtype':>9} {'mask':>5} {'reference':>10} {'cpu':>8} {'cpu+plan':>9} {'native':>7} "
+          f"{'speedup':>8}")
     for B, T in SHAPES:
         for dtype in DTYPES:
             for use_mask in (False, True):
                 h, vecs, coef, mask = make(B, T, args.d, args.J, args.K, dtype)
-                plan = Plan(vecs, args.J).update(coef)
+                previous = native.use(False)
+                plan = Plan(vecs, args.J).update(coef)                  # ATen calls only
+                native.use(previous)
+                nplan = Plan(vecs, args.J).update(coef)                 # the native op when built
                 impls = {"reference": reference_steer_, "cpu": cpu_steer_,
                          "plan": lambda *a, plan=plan: cpu_steer_(*a, plan)}
+                applies = nplan.native is not None and T == 1 and dtype == torch.float32 and not use_mask
+                if applies:
+                    impls["native"] = lambda *a, plan=nplan: cpu_steer_(*a, plan)
                 call = (h, vecs, coef, args.J, mask if use_mask else None)
                 us = per_call_us(impls, call, args.runs)
+                best = min(us["plan"], us.get("native", us["plan"]))
+                nat = f"{us['native']:>7.1f}" if applies else f"{'-':>7}"
                 print(f"{B:>4} {T:>4} {str(dtype)[6:]:>9} {'yes' if use_mask else 'no':>5} "
-                      f"{us['reference']:>10.1f} {us['cpu']:>8.1f} {us['plan']:>9.1f} "
-                      f"{us['reference'] / us['plan']:>7.2f}x")
+                      f"{us['reference']:>10.1f} {us['cpu']:>8.1f} {us['plan']:>9.1f} {nat} "
+                      f"{us['reference'] / best:>7.2f}x")
 
 
 def cuda_table(args) -> None:

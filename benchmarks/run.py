@@ -10,6 +10,8 @@ Rows (targets in brackets):
   steered_over_unsteered_b1/_b8   decode tokens/s, ablate+add on all 30 layers vs none      [>= 0.97]
   us_per_layer_step               added µs per steered layer per decode step (B=1; the prompt's
                                   steering counted in too)                                  [<= 20]
+                                  (``_aten``: the same with the native decode step off, same run;
+                                  ``cpu_decode`` says which one the main rows used)
   attach_remove_ms_30_layers      attaching + removing the 30-layer steering once (left out of the above)
   mixed_alpha_over_uniform_b64    64 rows with 64 distinct α vs one α (same hooks)           [>= 0.95]
   lowrank_param_over_base_b64     per-row rank-16 task vector on every attention/MLP linear  [>= 0.85]
@@ -101,6 +103,7 @@ def direction(d: int, seed: int = 1) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- rows
 def row_activation(model, results, quick):
+    from steer.kernels import native
     from steer import SteeringVector
     from steer.hooks import Steering
     from steer.config import SteeringConfig
@@ -127,7 +130,19 @@ def row_activation(model, results, quick):
             with Steering(model, vec, config):
                 return base()
 
-        t = rounds({"base": base, "steered": steered}, reps)
+        def steered_aten():  # the same with the native decode step off (the plans read the switch at attach)
+            previous = native.use(False)
+            try:
+                st = Steering(model, vec, config)
+            finally:
+                native.use(previous)
+            with st:
+                return base()
+
+        variants = {"base": base, "steered": steered}
+        if b == 1 and native.decode_fn() is not None:
+            variants["steered_aten"] = steered_aten
+        t = rounds(variants, reps)
         results[f"steered_over_unsteered_b{b}"] = paired_ratio(t, "base", "steered")
         med = {k: statistics.median(v) for k, v in t.items()}
         results[f"tokens_per_s_b{b}"] = {"unsteered": b * new / med["base"], "steered": b * new / med["steered"]}
@@ -136,6 +151,9 @@ def row_activation(model, results, quick):
             results["us_per_layer_step"] = statistics.median(per_round)
             q = statistics.quantiles(per_round, n=4)
             results["us_per_layer_step_spread"] = {"q25": q[0], "q75": q[2], "rounds": len(per_round)}
+            if "steered_aten" in t:  # the ATen decode path, same run (what a machine without the build gets)
+                results["us_per_layer_step_aten"] = statistics.median(
+                    (s_ - b_) / (new * n_layers) * 1e6 for s_, b_ in zip(t["steered_aten"], t["base"]))
     # mixed α vs uniform α, B = 64 (16 with --quick)
     b = 16 if quick else 64
     ids = prompt_ids(b)
@@ -372,7 +390,10 @@ def main(argv=None):
     import steer.kernels as K
     import transformers
 
+    from steer.kernels import native
+
     results: dict = {"torch": torch.__version__, "transformers": transformers.__version__, "kernel": K.IMPL,
+                     "cpu_decode": "native" if native.decode_fn() is not None else "aten (native op not built)",
                      "threads": torch.get_num_threads(), "quick": args.quick}
     t0 = time.time()
     model = build_model()

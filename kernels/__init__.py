@@ -5,6 +5,8 @@ Three implementations behind :func:`steer_`, chosen once at import (override wit
 
 * ``"reference"`` — :mod:`.reference`, the literal plain-PyTorch spec (every device);
 * ``"cpu"``       — :mod:`.cpu`, few ATen calls, per-row operands precomputed in a ``Plan`` (every device);
+  its decode step is one C++ call when the optional :mod:`.native` op has been built
+  (``python -m steer.kernels.native``; ``STEER_NATIVE=0`` turns it off);
 * ``"triton"``    — :mod:`.triton_steer` for CUDA tensors, the ``"cpu"`` path for the rest.
 
 The default is ``"triton"`` when CUDA is available and triton is installed, else ``"cpu"``.

@@ -135,6 +135,7 @@ class Steering(HookSet):
         self._prefill = True
         self._skip = False
         self._decode = False  # this forward feeds one token per row (set by the root hook)
+        self._eager = True    # ... and is not traced by torch.compile (the whole model, or a block's .compile())
         self._mask: torch.Tensor | None = None
         self._masks: dict[torch.device, torch.Tensor] = {}
         self._attn: torch.Tensor | None = None
@@ -217,6 +218,7 @@ class Steering(HookSet):
             self._handles.append(self.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._end_forward, always_call=True))
             hooked = set(self.layers) | ({self.condition.layer} if self.condition is not None else set())
+            self._steered_blocks = [self.blocks[i] for i in sorted(hooked)]
             for i in sorted(hooked):
                 block = self.blocks[i]
                 if self.condition is not None and i == self.condition.layer:
@@ -240,6 +242,10 @@ class Steering(HookSet):
             return None
         batch, seq = int(x.shape[0]), int(x.shape[1]) if x.dim() > 1 else 1
         self._decode = seq == 1  # one token per row (the plan's decode path)
+        # once per forward, not per layer (a call costs ~2 µs in a decode): a traced hook must make no pybind
+        # call (the native op) and no out= into a view; a block compiled on its own is traced inside an eager root
+        self._eager = not torch.compiler.is_compiling() and not any(
+            getattr(b, "_compiled_call_impl", None) is not None for b in self._steered_blocks)
         if self.scope == "all" and self.condition is None:
             # nothing depends on positions: skip the cache-length read (a device sync / graph break)
             self._fit_rows(batch)
@@ -314,6 +320,7 @@ class Steering(HookSet):
         f32, tensor, grad_enabled = torch.float32, torch.Tensor, torch.is_grad_enabled
         add_bias = plan is not None and n_ablate == 0 and len(vecs) > 0  # add only: h += plan.bias, one op, any T
         apply_ = plan.apply_ if plan is not None and n_ablate else None
+        native, R = (plan.native, plan.R) if apply_ is not None else (None, None)  # kernels/native.py, if built
 
         def hook(module, args, output):  # hot path: bound locals, cheapest checks first (see kernels.cpu)
             if self._skip:
@@ -325,8 +332,12 @@ class Steering(HookSet):
             if add_bias and self._mask is None:
                 h.add_(plan.bias)
                 return None
-            if apply_ is not None and self._mask is None and h.dtype is f32 and apply_(h, self._decode):
-                return None
+            if apply_ is not None and self._mask is None and h.dtype is f32:
+                decode, eager = self._decode, self._eager
+                if native is not None and decode and eager and native(h, R, plan.beta, plan.bias):
+                    return None  # one native call (False: h is not plain [B, 1, d] fp32; ATen runs)
+                if apply_(h, decode, eager, False):
+                    return None
             steer_(h, vecs, coef_eff[dev], n_ablate, self._mask_on(dev), plan)
             return None
 

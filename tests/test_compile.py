@@ -35,3 +35,46 @@ def test_compiled_model_with_steering_matches_eager():
             got = cm(ids).logits
         assert (got - m(ids).logits).abs().max() <= 1e-5
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+@torch.no_grad()
+def test_compiled_decode_step_with_ablation_is_one_graph():
+    """A one-token forward (a decode step) traced whole (``fullgraph=True``): the CPU plan's decode path must not
+    break the graph (no ``out=`` into a strided view, no call into the native op while traced); same logits as
+    eager, which takes the native op when it is built."""
+    torch._dynamo.reset()
+    m = tiny_model("llama")
+    v = SteeringVector({1: torch.randn(32, generator=torch.Generator().manual_seed(0))}, {"op": "ablate_add"})
+    ids = torch.randint(3, 90, (3, 1), generator=torch.Generator().manual_seed(1))
+    with Steering(m, v, SteeringConfig(layers=[1, 2], alpha=1.0)) as h:
+        h.set_alphas([0.0, 1.0, -2.0])             # a row with α = 0: per-row β, the traced mul_ path
+        assert h._plans[1].per_row_beta
+        cm = torch.compile(m, fullgraph=True)
+        assert (cm(ids).logits - m(ids).logits).abs().max() <= 1e-5
+        h.set_alphas([2.0, 0.0, 3.0])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = cm(ids).logits
+        assert (got - m(ids).logits).abs().max() <= 1e-5
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+@torch.no_grad()
+def test_blocks_compiled_on_their_own_stay_one_graph_each():
+    """Regional compilation (``block.compile(fullgraph=True)`` on the steered blocks, the model eager): the hook
+    is traced inside an eager root forward; it must still take the traced form (no native call, no out=)."""
+    torch._dynamo.reset()
+    m = tiny_model("llama")
+    v = SteeringVector({1: torch.randn(32, generator=torch.Generator().manual_seed(0))}, {"op": "ablate_add"})
+    ids = torch.randint(3, 90, (3, 1), generator=torch.Generator().manual_seed(1))
+    with Steering(m, v, SteeringConfig(layers=[1, 2], alpha=1.0)) as h:
+        h.set_alphas([0.0, 1.0, -2.0])
+        eager = m(ids).logits
+        for i in (1, 2):
+            m.model.layers[i].compile(fullgraph=True)
+        assert (m(ids).logits - eager).abs().max() <= 1e-5
+        assert h._eager is False
+    torch._dynamo.reset()

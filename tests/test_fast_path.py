@@ -12,15 +12,21 @@ import torch
 import steer.hooks
 from capture import around, greedy
 from steer import Condition
-from steer.kernels import use
+from steer.kernels import native, use
 from tiny_models import D
 
 
-@pytest.fixture(autouse=True)
-def cpu_kernel():
+@pytest.fixture(autouse=True, params=["aten", "native"])
+def cpu_kernel(request):
+    """The CPU path, decode steps through ATen calls or through the native op (built here if needed)."""
+    try:
+        previous_native = native.use(request.param == "native")
+    except native.NativeBuildError as e:
+        pytest.skip(f"native op cannot be built here: {e}")
     previous = use("cpu")
-    yield
+    yield request.param
     use(previous)
+    native.use(previous_native)
 
 
 def _batch():
@@ -99,6 +105,21 @@ def test_decode_steps_take_the_plan_path(sm, vec, mode, monkeypatch):
     with sm.steer(vec, layers=[1, 2], mode=mode, alpha=1.0):
         greedy(sm, ids, attn)
     assert calls == []
+
+
+@pytest.mark.parametrize("compiling", [False, True])
+def test_decode_steps_take_the_native_op_when_built_and_eager(sm, vec, cpu_kernel, compiling, monkeypatch):
+    """With the native op on, every steered decode step is one native call (never while torch.compile traces:
+    a pybind call would break the graph); the results are checked by the tests above."""
+    if cpu_kernel != "native":
+        pytest.skip("native op off")
+    calls, real = [], native.decode_fn()
+    monkeypatch.setattr(native, "decode_fn", lambda: lambda h, *a: (calls.append(h.shape), real(h, *a))[1])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    ids, attn = _batch()
+    with sm.steer(vec, layers=[1, 2], mode="ablate_add", alpha=1.0):
+        greedy(sm, ids, attn)
+    assert calls == ([] if compiling else [(3, 1, D)] * 6)    # 3 decode steps x 2 layers
 
 
 def test_a_layer_called_alone_does_not_inherit_the_decode_flag(sm, vec):

@@ -45,3 +45,28 @@ def test_kernels_imports_nothing_of_ours_and_has_no_version():
                 assert not any(a.name.startswith(("steer", "vectors", "cli")) for a in node.names), path
             if isinstance(node, ast.Assign):
                 assert not any(getattr(t, "id", None) == "__version__" for t in node.targets), path
+
+
+def test_wheel_ships_the_native_source(tmp_path):
+    """`python -m steer.kernels.native` compiles kernels/native.cpp from the installed package: it must be in it.
+    Built from a copy of the sources (a build/ folder left in the checkout would leak into the wheel)."""
+    import shutil
+    import zipfile
+
+    import pytest
+
+    if subprocess.run([sys.executable, "-c", "import setuptools"], capture_output=True).returncode:
+        pytest.skip("setuptools not installed in this interpreter (pip builds in isolation there)")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "cli.py"):
+        shutil.copy(ROOT / name, src / name)
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "build")
+    for name in ("steer", "vectors", "kernels"):
+        shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=skip)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (whl,) = (tmp_path / "dist").glob("steer_runtime-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    assert "steer/kernels/native.cpp" in names and "steer/kernels/native.py" in names
