@@ -57,8 +57,7 @@ class Plan:
         self.bias: torch.Tensor | None = None                   # [rows, 1, d] = sum_k alpha_k v_k; None if K = 0
         self.rows, self.d = 0, vecs.shape[1]                    # apply_(one_token=True) takes [rows, 1, d]
         # the native decode step (kernels/native.py) when built and enabled, else None: read once, here
-        from . import native  # here, not at import: `python -m steer.kernels.native` must find it unimported
-        self.native = native.decode_fn() if n_ablate and vecs.device.type == "cpu" and vecs.dtype == torch.float32 \
+        self.native = _native_decode() if n_ablate and vecs.device.type == "cpu" and vecs.dtype == torch.float32 \
             else None
 
     @torch.inference_mode(False)
@@ -119,6 +118,16 @@ class Plan:
         if self.bias is not None:
             h.add_(self.bias)                                   # + sum_k alpha_k v_k
         return True
+
+
+def _native_decode():
+    """The native decode step if built and enabled, else None; attaching never fails because of it."""
+    from . import native  # here, not at import: `python -m steer.kernels.native` must find it unimported
+
+    try:
+        return native.decode_fn()
+    except Exception:  # e.g. its load warning raised as an error (-W error): the ATen path instead
+        return None
 
 
 def _into(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:

@@ -4,17 +4,25 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <algorithm>
 #include <vector>
 
 namespace {
 
-// A plain, dense, contiguous fp32 CPU tensor whose memory this code may read or write directly.
+// A plain, dense, contiguous fp32 CPU tensor whose memory this code may read or write directly: no subclass
+// or wrapper (Python, functorch, functionalization, nested), no lazy bits (zero, negative, conjugate), no
+// forward-mode tangent. Key-set checks first: they are cheap and never call back into Python.
 bool plain(const torch::Tensor& t) {
-  return t.defined() && t.device().type() == c10::kCPU && t.layout() == c10::kStrided &&
-         t.scalar_type() == at::kFloat && t.is_contiguous() && t.has_storage() &&
-         !t.key_set().has_any(c10::python_ks) && !t.key_set().has(c10::DispatchKey::FuncTorchBatched);
+  if (!t.defined()) return false;
+  const c10::DispatchKeySet ks = t.key_set();
+  if (ks.has_any(c10::python_ks) || ks.has(c10::DispatchKey::FuncTorchBatched) ||
+      ks.has(c10::DispatchKey::Functionalize) || ks.has(c10::DispatchKey::FuncTorchGradWrapper))
+    return false;
+  return !t.is_nested() && t.device().type() == c10::kCPU && t.layout() == c10::kStrided &&
+         t.scalar_type() == at::kFloat && t.is_contiguous() && t.has_storage() && !t._is_zerotensor() &&
+         !t.is_neg() && !t.is_conj() && !t._fw_grad(/*level=*/0).defined();
 }
 
 }  // namespace
@@ -22,9 +30,10 @@ bool plain(const torch::Tensor& t) {
 // Returns false, changing nothing, when h (or an operand) is not what this path handles; the caller then
 // takes the ATen path. Refused: anything but plain [B, 1, d] h with matching R [J, d], beta [B, J] and
 // bias [B, 1, d] (or None); h that autograd tracks; an inference tensor outside inference mode (ATen refuses
-// in-place updates there).
+// in-place updates there); any active TorchDispatchMode (make_fx, FakeTensorMode, ...).
 bool decode_(torch::Tensor h, const torch::Tensor& R, const torch::Tensor& beta,
              const c10::optional<torch::Tensor>& bias) {
+  if (c10::impl::TorchDispatchModeTLS::any_modes_set()) return false;  // a mode would not see this write
   if (!plain(h) || h.dim() != 3 || h.size(1) != 1) return false;
   if (h.requires_grad() && at::GradMode::is_enabled()) return false;
   if (h.is_inference() && !c10::InferenceMode::is_enabled()) return false;

@@ -34,7 +34,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("native.cpp")
 _CFLAGS = ["-O3", "-fopenmp-simd"]
-_STALE_LOCK_S = 600                # a build lock older than this was left by a killed build
+_STALE_LOCK_S = 600                # a build lock older than this was left by a killed build (a build: ~25 s)
 _override: bool | None = None      # use(): True = required (built on demand), False = off, None = automatic
 _loaded: dict[str, object] = {}    # key -> module (None: the library there failed to import; warned once)
 _build_error: NativeBuildError | None = None  # the first failed build of this process (not retried)
@@ -101,10 +101,11 @@ def load():
             return None
         try:
             _loaded[key] = _import(path, _name())
-        except (ImportError, OSError) as e:
-            warnings.warn(f"steer's native CPU op at {path} does not load ({e}); steering uses the ATen path. "
-                          "Fix: `python -m steer.kernels.native` rebuilds it.", RuntimeWarning, stacklevel=2)
-            _loaded[key] = None
+        except Exception as e:  # corrupt, truncated or built against another torch: keep the ATen path
+            _loaded[key] = None  # remembered first: a warning turned into an error must not retry every attach
+            warnings.warn(f"steer's native CPU op at {path} does not load ({type(e).__name__}: {e}); steering "
+                          "uses the ATen path. Fix: `python -m steer.kernels.native` rebuilds it (in a new "
+                          "process).", RuntimeWarning, stacklevel=3)
     return _loaded[key]
 
 
@@ -132,22 +133,29 @@ def _build(verbose: bool):
         raise NativeBuildError(f"{SOURCE} is missing; fix: reinstall steer-runtime (the wheel ships it).")
     from torch.utils.cpp_extension import load as cpp_load, verify_ninja_availability
 
-    _ninja_on_path()
+    path = os.environ.get("PATH", "")
     try:
+        _ninja_on_path()
         verify_ninja_availability()
     except RuntimeError as e:
         raise NativeBuildError("building steer's native CPU op needs ninja, which was not found; "
                                "fix: `pip install ninja` (the ATen path works without it).") from e
+    finally:
+        os.environ["PATH"] = path
     directory = build_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = directory / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-        lock.unlink(missing_ok=True)                        # left by a build that was killed
-    stale = _library(directory, _name())
-    if stale is not None and _loaded.get(_key(), 0) is None:   # built before but does not import: rebuild
-        stale.unlink()
-        _loaded.pop(_key(), None)
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _check_lock(directory / "lock")
+        stale = _library(directory, _name())
+        if stale is not None and _loaded.get(_key(), 0) is None:   # built before but does not import: rebuild
+            stale.unlink()
+            _loaded.pop(_key(), None)
+    except OSError as e:
+        raise NativeBuildError(f"cannot prepare the build folder {directory} ({e}); fix: make it writable or "
+                               "set STEER_CACHE_DIR to a writable folder.") from e
+    path = os.environ.get("PATH", "")
+    try:
+        _ninja_on_path()
         cpp_load(name=_name(), sources=[str(SOURCE)], extra_cflags=_CFLAGS, build_directory=str(directory),
                  verbose=verbose)
     except Exception as e:  # compiler or headers missing, or a compile error: say so, keep the ATen path
@@ -155,12 +163,28 @@ def _build(verbose: bool):
                                "install a C++ compiler (g++ or clang++) and Python's development headers, and "
                                "see `python -m steer.kernels.native -v` for the compiler's output; without it "
                                "steering stays on the ATen path.") from e
+    finally:
+        os.environ["PATH"] = path
     _loaded.pop(_key(), None)
     module = load()
     if module is None:
         raise NativeBuildError(f"the build finished but {_name()} does not load from {directory}; "
                                "fix: delete that folder and build again.")
     return module
+
+
+def _check_lock(lock: Path) -> None:
+    """torch's build waits, without a timeout, while ``lock`` exists: drop one a killed build left behind
+    (older than ``_STALE_LOCK_S``), refuse to wait on a young one."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > _STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+        return
+    raise NativeBuildError(f"another build of steer's native op holds {lock} (for {age:.0f} s); fix: wait for it "
+                           "to finish, or delete that file if no build is running.")
 
 
 def _ninja_on_path() -> None:
@@ -193,7 +217,8 @@ def use(flag: bool | None) -> bool | None:
 
 def decode_fn():
     """``decode_(h, R, beta, bias) -> bool`` when the native op is enabled and built, else None."""
-    if _override is False or (_override is None and os.environ.get("STEER_NATIVE", "1").strip() in ("0", "off")):
+    off = os.environ.get("STEER_NATIVE", "").strip().lower() in ("0", "off", "false", "no")
+    if _override is False or (_override is None and off):
         return None
     module = load()
     return None if module is None else module.decode_

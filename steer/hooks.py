@@ -49,6 +49,28 @@ def _layer_device(layer: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _compile_sites(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """The root, every module on the way down to ``blocks``, and the blocks: where torch.compile can be applied
+    so that the steering hooks run traced (``model.compile()``, ``model.model.compile()``, ``block.compile()``,
+    ``module.forward = torch.compile(module.forward)``)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    sites = {id(model): model}
+    for block in blocks:
+        parts = names.get(id(block), "").split(".")
+        for k in range(1, len(parts) + 1):
+            m = model.get_submodule(".".join(parts[:k])) if parts[0] else block
+            sites[id(m)] = m
+    return list(sites.values())
+
+
+def _compiled(sites: list[nn.Module]) -> bool:
+    for m in sites:
+        if getattr(m, "_compiled_call_impl", None) is not None or \
+                hasattr(m.__dict__.get("forward"), "_torchdynamo_orig_callable"):
+            return True
+    return False
+
+
 def _replace_hidden(output, h):
     if isinstance(output, torch.Tensor):
         return h
@@ -214,11 +236,11 @@ class Steering(HookSet):
 
     # ------------------------------------------------------------------ hooks
     def _register(self) -> None:
+        hooked = set(self.layers) | ({self.condition.layer} if self.condition is not None else set())
+        self._compile_sites = _compile_sites(self.model, [self.blocks[i] for i in sorted(hooked)])
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._end_forward, always_call=True))
-            hooked = set(self.layers) | ({self.condition.layer} if self.condition is not None else set())
-            self._steered_blocks = [self.blocks[i] for i in sorted(hooked)]
             for i in sorted(hooked):
                 block = self.blocks[i]
                 if self.condition is not None and i == self.condition.layer:
@@ -243,9 +265,9 @@ class Steering(HookSet):
         batch, seq = int(x.shape[0]), int(x.shape[1]) if x.dim() > 1 else 1
         self._decode = seq == 1  # one token per row (the plan's decode path)
         # once per forward, not per layer (a call costs ~2 µs in a decode): a traced hook must make no pybind
-        # call (the native op) and no out= into a view; a block compiled on its own is traced inside an eager root
-        self._eager = not torch.compiler.is_compiling() and not any(
-            getattr(b, "_compiled_call_impl", None) is not None for b in self._steered_blocks)
+        # call (the native op) and no out= into a view. A part compiled on its own (a block, the inner model) is
+        # traced inside an eager root forward; torch.jit.trace would not see the native op's write.
+        self._eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _compiled(self._compile_sites))
         if self.scope == "all" and self.condition is None:
             # nothing depends on positions: skip the cache-length read (a device sync / graph break)
             self._fit_rows(batch)

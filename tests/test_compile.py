@@ -60,12 +60,24 @@ def test_compiled_decode_step_with_ablation_is_one_graph():
     torch._dynamo.reset()
 
 
+def _compile_part(m, part):
+    if part == "blocks":
+        for i in (1, 2):
+            m.model.layers[i].compile(fullgraph=True)
+    elif part == "inner model":
+        m.model.compile(fullgraph=True)
+    else:  # the HF static-cache recipe
+        m.forward = torch.compile(m.forward, fullgraph=True)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("part", ["blocks", "inner model", "forward attribute"])
 @torch.no_grad()
-def test_blocks_compiled_on_their_own_stay_one_graph_each():
-    """Regional compilation (``block.compile(fullgraph=True)`` on the steered blocks, the model eager): the hook
-    is traced inside an eager root forward; it must still take the traced form (no native call, no out=)."""
+def test_parts_compiled_on_their_own_stay_one_graph(part):
+    """Compiling a part (``block.compile()``, ``model.model.compile()``, ``model.forward = torch.compile(...)``,
+    all ``fullgraph=True``) traces the hooks inside an eager root pre-hook: the decode step must still take the
+    traced form (no native call, no out=), else the graph breaks and fullgraph raises."""
     torch._dynamo.reset()
     m = tiny_model("llama")
     v = SteeringVector({1: torch.randn(32, generator=torch.Generator().manual_seed(0))}, {"op": "ablate_add"})
@@ -73,8 +85,7 @@ def test_blocks_compiled_on_their_own_stay_one_graph_each():
     with Steering(m, v, SteeringConfig(layers=[1, 2], alpha=1.0)) as h:
         h.set_alphas([0.0, 1.0, -2.0])
         eager = m(ids).logits
-        for i in (1, 2):
-            m.model.layers[i].compile(fullgraph=True)
+        _compile_part(m, part)
         assert (m(ids).logits - eager).abs().max() <= 1e-5
         assert h._eager is False
     torch._dynamo.reset()

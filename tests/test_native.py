@@ -108,6 +108,35 @@ def test_autograd_and_inference_tensors_are_left_to_aten(op):
     assert leaf.grad is not None
 
 
+def test_wrapped_and_lazy_tensors_and_dispatch_modes_are_refused(op):
+    """Forward-AD duals (the tangent would be skipped), neg-bit views, functionalized tensors, and any active
+    TorchDispatchMode (make_fx / FakeTensorMode would not record a raw write)."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    h, vecs, coef = _case(2, 8, 1, 1, False)
+    plan = Plan(vecs, 1).update(coef)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(h.clone(), torch.ones_like(h))
+        assert op(dual, plan.R, plan.beta, plan.bias) is False
+    x = h.clone()
+    assert op(torch._neg_view(x), plan.R, plan.beta, plan.bias) is False
+
+    def functional(t):
+        assert op(t, plan.R, plan.beta, plan.bias) is False
+        return t
+
+    torch.func.functionalize(functional)(h.clone())
+
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Recording():
+        assert op(x, plan.R, plan.beta, plan.bias) is False
+    assert torch.equal(x, h)
+
+
 def test_empty_batch(op):
     plan = Plan(torch.randn(2, 8), 1).update(torch.zeros(0, 2))
     assert op(torch.zeros(0, 1, 8), plan.R, plan.beta, plan.bias) is True
