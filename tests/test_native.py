@@ -231,3 +231,25 @@ def test_a_build_in_progress_is_not_loaded(op, tmp_path, monkeypatch):
     assert native.load() is None
     (native.build_dir() / "lock").unlink()
     assert native.load() is not None
+
+
+def test_command_line_build_reports_the_library(op):
+    out = subprocess.run([sys.executable, "-m", "steer.kernels.native"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "ready" in out.stdout and "RuntimeWarning" not in out.stderr
+
+
+def test_build_locks_young_refused_stale_dropped(tmp_path):
+    """torch's build waits without a timeout while its lock exists: a killed build's lock must not hang us."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    native._check_lock(lock)                                    # no lock: nothing to do
+    lock.touch()
+    with pytest.raises(native.NativeBuildError, match="another build"):
+        native._check_lock(lock)
+    old = time.time() - native._STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    native._check_lock(lock)
+    assert not lock.exists()
