@@ -5,6 +5,7 @@
 
 #include <ATen/Parallel.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <algorithm>
 #include <vector>
@@ -30,10 +31,11 @@ bool plain(const torch::Tensor& t) {
 // Returns false, changing nothing, when h (or an operand) is not what this path handles; the caller then
 // takes the ATen path. Refused: anything but plain [B, 1, d] h with matching R [J, d], beta [B, J] and
 // bias [B, 1, d] (or None); h that autograd tracks; an inference tensor outside inference mode (ATen refuses
-// in-place updates there); any active TorchDispatchMode (make_fx, FakeTensorMode, ...).
+// in-place updates there); any active TorchDispatchMode (make_fx, FakeTensorMode, ...) or torch.jit.trace.
 bool decode_(torch::Tensor h, const torch::Tensor& R, const torch::Tensor& beta,
              const c10::optional<torch::Tensor>& bias) {
-  if (c10::impl::TorchDispatchModeTLS::any_modes_set()) return false;  // a mode would not see this write
+  // a dispatch mode (make_fx, FakeTensorMode) or torch.jit.trace would not record this write
+  if (c10::impl::TorchDispatchModeTLS::any_modes_set() || torch::jit::tracer::isTracing()) return false;
   if (!plain(h) || h.dim() != 3 || h.size(1) != 1) return false;
   if (h.requires_grad() && at::GradMode::is_enabled()) return false;
   if (h.is_inference() && !c10::InferenceMode::is_enabled()) return false;

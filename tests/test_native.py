@@ -136,6 +136,13 @@ def test_wrapped_and_lazy_tensors_and_dispatch_modes_are_refused(op):
         assert op(x, plan.R, plan.beta, plan.bias) is False
     assert torch.equal(x, h)
 
+    def traced(t):
+        t = t.clone()
+        assert op(t, plan.R, plan.beta, plan.bias) is False    # the trace would not record the write
+        return t
+
+    torch.jit.trace(traced, h.clone(), check_trace=False)
+
 
 def test_empty_batch(op):
     plan = Plan(torch.randn(2, 8), 1).update(torch.zeros(0, 2))
