@@ -53,12 +53,12 @@ def _compile_sites(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]
     """The root, every module on the way down to ``blocks``, and the blocks: where torch.compile can be applied
     so that the steering hooks run traced (``model.compile()``, ``model.model.compile()``, ``block.compile()``,
     ``module.forward = torch.compile(module.forward)``)."""
-    names = {id(m): name for name, m in model.named_modules()}
+    by_name = dict(model.named_modules())
+    name_of = {id(m): name for name, m in by_name.items()}
     sites = {id(model): model}
     for block in blocks:
-        parts = names.get(id(block), "").split(".")
-        for k in range(1, len(parts) + 1):
-            m = model.get_submodule(".".join(parts[:k])) if parts[0] else block
+        parts = name_of[id(block)].split(".") if id(block) in name_of else []
+        for m in [by_name[".".join(parts[:k])] for k in range(1, len(parts) + 1)] + [block]:
             sites[id(m)] = m
     return list(sites.values())
 
@@ -157,7 +157,7 @@ class Steering(HookSet):
         self._prefill = True
         self._skip = False
         self._decode = False  # this forward feeds one token per row (set by the root hook)
-        self._eager = True    # ... and is not traced by torch.compile (the whole model, or a block's .compile())
+        self._eager = True    # ... and is not traced by torch.compile (of the whole model or any part of it)
         self._mask: torch.Tensor | None = None
         self._masks: dict[torch.device, torch.Tensor] = {}
         self._attn: torch.Tensor | None = None
@@ -266,8 +266,8 @@ class Steering(HookSet):
         self._decode = seq == 1  # one token per row (the plan's decode path)
         # once per forward, not per layer (a call costs ~2 µs in a decode): a traced hook must make no pybind
         # call (the native op) and no out= into a view. A part compiled on its own (a block, the inner model) is
-        # traced inside an eager root forward; torch.jit.trace would not see the native op's write.
-        self._eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _compiled(self._compile_sites))
+        # traced inside an eager root forward. (torch.jit.trace and dispatch modes: the native op refuses them.)
+        self._eager = not (torch.compiler.is_compiling() or _compiled(self._compile_sites))
         if self.scope == "all" and self.condition is None:
             # nothing depends on positions: skip the cache-length read (a device sync / graph break)
             self._fit_rows(batch)
