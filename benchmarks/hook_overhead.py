@@ -48,9 +48,8 @@ def tight_loop() -> None:
     vecs = torch.randn(2, 576)
     vecs[0] /= vecs[0].norm()
     coef = torch.tensor([[1.0, 1e-3]])  # small α: repeated in-place calls must not blow h up
-    previous = native.use(False)
-    plan = Plan(vecs, 1).update(coef)             # ATen calls
-    native.use(previous)
+    with native.using(False):
+        plan = Plan(vecs, 1).update(coef)         # ATen calls
     nplan = Plan(vecs, 1).update(coef)            # the native decode step when built
     add_vec, add_coef = vecs[1:].clone(), coef[:, 1:].clone()
     add_plan = Plan(add_vec, 0).update(add_coef)
@@ -102,11 +101,8 @@ def in_context(new: int = 16, reps: int = 5, rounds: int = 21) -> None:
         variants.append(("ablate_add", "ablate_add, native", None))
     for mode, label, use_native in variants:
         acc = [0.0, 0]
-        previous = native.use(use_native)
-        try:
+        with native.using(use_native):
             st = Steering(model, vec, SteeringConfig(mode=mode, layers=list(range(n)), alpha=1.0))
-        finally:
-            native.use(previous)
         with st:
             for wrap in st._handles:           # time steer's per-layer function from the outside
                 if isinstance(wrap, ForwardWrap) and wrap._post is not None:

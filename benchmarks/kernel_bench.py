@@ -62,9 +62,8 @@ def cpu_table(args) -> None:
         for dtype in DTYPES:
             for use_mask in (False, True):
                 h, vecs, coef, mask = make(B, T, args.d, args.J, args.K, dtype)
-                previous = native.use(False)
-                plan = Plan(vecs, args.J).update(coef)                  # ATen calls only
-                native.use(previous)
+                with native.using(False):
+                    plan = Plan(vecs, args.J).update(coef)              # ATen calls only
                 nplan = Plan(vecs, args.J).update(coef)                 # the native op when built
                 impls = {"reference": reference_steer_, "cpu": cpu_steer_,
                          "plan": lambda *a, plan=plan: cpu_steer_(*a, plan)}

@@ -131,11 +131,8 @@ def row_activation(model, results, quick):
                 return base()
 
         def steered_aten():  # the same with the native decode step off (the plans read the switch at attach)
-            previous = native.use(False)
-            try:
+            with native.using(False):
                 st = Steering(model, vec, config)
-            finally:
-                native.use(previous)
             with st:
                 return base()
 

@@ -20,6 +20,7 @@ decode step in a real decode (``benchmarks/hook_overhead.py``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -134,38 +135,31 @@ def _build(verbose: bool):
         raise NativeBuildError(f"{SOURCE} is missing; fix: reinstall steer-runtime (the wheel ships it).")
     from torch.utils.cpp_extension import load as cpp_load, verify_ninja_availability
 
-    path = os.environ.get("PATH", "")
-    try:
-        _ninja_on_path()
-        verify_ninja_availability()
-    except RuntimeError as e:
-        raise NativeBuildError("building steer's native CPU op needs ninja, which was not found; "
-                               "fix: `pip install ninja` (the ATen path works without it).") from e
-    finally:
-        os.environ["PATH"] = path
-    directory = build_dir()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        _check_lock(directory / "lock")
-        stale = _library(directory, _name())
-        if stale is not None and _loaded.get(_key(), 0) is None:   # built before but does not import: rebuild
-            stale.unlink()
-            _loaded.pop(_key(), None)
-    except OSError as e:
-        raise NativeBuildError(f"cannot prepare the build folder {directory} ({e}); fix: make it writable or "
-                               "set STEER_CACHE_DIR to a writable folder.") from e
-    path = os.environ.get("PATH", "")
-    try:
-        _ninja_on_path()
-        cpp_load(name=_name(), sources=[str(SOURCE)], extra_cflags=_CFLAGS, build_directory=str(directory),
-                 verbose=verbose)
-    except Exception as e:  # compiler or headers missing, or a compile error: say so, keep the ATen path
-        raise NativeBuildError(f"compiling {SOURCE.name} failed ({type(e).__name__}: {str(e)[-500:]}); fix: "
-                               "install a C++ compiler (g++ or clang++) and Python's development headers, and "
-                               "see `python -m steer.kernels.native -v` for the compiler's output; without it "
-                               "steering stays on the ATen path.") from e
-    finally:
-        os.environ["PATH"] = path
+    with _ninja_on_path():
+        try:
+            verify_ninja_availability()
+        except RuntimeError as e:
+            raise NativeBuildError("building steer's native CPU op needs ninja, which was not found; "
+                                   "fix: `pip install ninja` (the ATen path works without it).") from e
+        directory = build_dir()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            _check_lock(directory / "lock")
+            stale = _library(directory, _name())
+            if stale is not None and _loaded.get(_key(), 0) is None:   # built before, does not import: rebuild
+                stale.unlink()
+                _loaded.pop(_key(), None)
+        except OSError as e:
+            raise NativeBuildError(f"cannot prepare the build folder {directory} ({e}); fix: make it writable or "
+                                   "set STEER_CACHE_DIR to a writable folder.") from e
+        try:
+            cpp_load(name=_name(), sources=[str(SOURCE)], extra_cflags=_CFLAGS, build_directory=str(directory),
+                     verbose=verbose)
+        except Exception as e:  # compiler or headers missing, or a compile error: say so, keep the ATen path
+            raise NativeBuildError(f"compiling {SOURCE.name} failed ({type(e).__name__}: {str(e)[-500:]}); fix: "
+                                   "install a C++ compiler (g++ or clang++) and Python's development headers, "
+                                   "and see `python -m steer.kernels.native -v` for the compiler's output; "
+                                   "without it steering stays on the ATen path.") from e
     _loaded.pop(_key(), None)
     module = load()
     if module is None:
@@ -188,21 +182,26 @@ def _check_lock(lock: Path) -> None:
                            "to finish, or delete that file if no build is running.")
 
 
-def _ninja_on_path() -> None:
-    """torch runs ``ninja`` from PATH; a venv's pip-installed ninja is not there unless the venv is activated."""
-    if shutil.which("ninja") is not None:
-        return
-    candidates = [Path(sys.executable).parent]
-    try:
-        import ninja
+@contextlib.contextmanager
+def _ninja_on_path():
+    """torch runs ``ninja`` from PATH; a venv's pip-installed ninja is not there unless the venv is activated.
+    Adds its folder to PATH for the build only."""
+    path = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        candidates = [Path(sys.executable).parent]
+        try:
+            import ninja
 
-        candidates.append(Path(ninja.BIN_DIR))
-    except (ImportError, AttributeError):
-        pass
-    for directory in candidates:
-        if shutil.which("ninja", path=str(directory)) is not None:
-            os.environ["PATH"] = os.pathsep.join([str(directory), os.environ.get("PATH", "")])
-            return
+            candidates.append(Path(ninja.BIN_DIR))
+        except (ImportError, AttributeError):
+            pass
+        found = [d for d in candidates if shutil.which("ninja", path=str(d)) is not None]
+        if found:
+            os.environ["PATH"] = os.pathsep.join([str(found[0]), path])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 def use(flag: bool | None) -> bool | None:
@@ -214,6 +213,16 @@ def use(flag: bool | None) -> bool | None:
         build()
     previous, _override = _override, flag
     return previous
+
+
+@contextlib.contextmanager
+def using(flag: bool | None):
+    """``with using(False): Steering(...)``: :func:`use` for a block, the previous choice restored after."""
+    previous = use(flag)
+    try:
+        yield
+    finally:
+        use(previous)
 
 
 def decode_fn():

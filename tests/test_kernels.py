@@ -143,11 +143,8 @@ def test_plan_decode_forms_match_reference(form, beta):
     h, vecs, coef, _ = make_case(5, 1, 61, 2, 2, torch.float32, "none")
     if beta == "shared":
         coef[:, :2] = 0.7
-    previous = native.use(False)
-    try:
+    with native.using(False):
         plan = Plan(vecs, 2).update(coef)
-    finally:
-        native.use(previous)
     got = h.clone()
     assert plan.apply_(got, True, eager=form == "eager") is True
     torch.testing.assert_close(got, reference_steer_(h.clone(), vecs, coef, 2), rtol=1e-5, atol=1e-5)
@@ -251,7 +248,7 @@ def test_import_is_cheap_and_env_override():
 
 
 def test_kernels_import_nothing_of_the_project():
-    allowed = {"__future__", "functools", "hashlib", "importlib", "ninja", "os", "pathlib", "platform",
+    allowed = {"__future__", "contextlib", "functools", "hashlib", "importlib", "ninja", "os", "pathlib", "platform",
                "platformdirs", "shutil", "sys", "time", "torch", "triton", "warnings"}
     own = {p.stem for p in pathlib.Path(K.__file__).parent.glob("*.py")}
     for path in pathlib.Path(K.__file__).parent.glob("*.py"):

@@ -180,11 +180,9 @@ def test_switches(op, monkeypatch):
     assert Plan(vecs, 0).native is None                         # add only stays one ATen add_
     assert Plan(vecs.double(), 1).native is None
     assert Plan(vecs.to("meta"), 1).native is None               # CPU only
-    previous = native.use(False)
-    try:
+    with native.using(False):
         assert Plan(vecs, 1).native is None
-    finally:
-        native.use(previous)
+    assert Plan(vecs, 1).native is not None                     # the previous choice is back
     monkeypatch.setenv("STEER_NATIVE", "0")
     assert Plan(vecs, 1).native is None
 
