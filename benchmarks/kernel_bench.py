@@ -84,7 +84,7 @@ def cuda_table(args) -> None:
 
     from steer.kernels.triton_steer import triton_steer_
 
-    print(f"\nCUDA ({torch.cuda.get_device_name()}): triton vs copy_ bandwidth, d={args.d}")
+    print(f"\nCUDA ({torch.cuda.get_device_name()}): triton vs copy_ bandwidth, d={args.d} (device time, do_bench)")
     print(f"{'B':>5} {'T':>5} {'dtype':>9} {'triton us':>10} {'GB/s':>8} {'copy_ GB/s':>11} {'% copy':>7} "
           f"{'cpu-path us':>12} {'ref us':>8}")
     for B, T in SHAPES + [(64, 2048), (8, 32768)]:
@@ -99,6 +99,20 @@ def cuda_table(args) -> None:
             print(f"{B:>5} {T:>5} {str(dtype)[6:]:>9} {ms * 1e3:>10.1f} {nbytes / ms / 1e6:>8.0f} "
                   f"{nbytes / ms_copy / 1e6:>11.0f} {100 * ms_copy / ms:>6.0f}% "
                   f"{ms_cpu * 1e3:>12.1f} {ms_ref * 1e3:>8.1f}")
+    # At decode (T=1) a steered layer's GPU work is tiny and the host's cost of issuing it is what a decode
+    # step pays: the Triton launcher against the ATen calls of a Plan (what the hooks use on CPU), per call.
+    print(f"\nCUDA host us per call at decode (median of {args.runs}, no sync; what a decode step pays per layer)")
+    print(f"{'B':>5} {'dtype':>9} {'triton':>8} {'aten+plan':>10} {'cpu-path':>9} {'reference':>10}")
+    for B in (1, 8, 64):
+        for dtype in DTYPES:
+            h, vecs, coef, _ = make(B, 1, args.d, args.J, args.K, dtype, "cuda")
+            plan = Plan(vecs, args.J).update(coef)
+            impls = {"triton": triton_steer_, "plan": lambda *a, plan=plan: cpu_steer_(*a, plan),
+                     "cpu": cpu_steer_, "reference": reference_steer_}
+            us = per_call_us(impls, (h, vecs, coef, args.J, None), args.runs)
+            torch.cuda.synchronize()
+            print(f"{B:>5} {str(dtype)[6:]:>9} {us['triton']:>8.1f} {us['plan']:>10.1f} {us['cpu']:>9.1f} "
+                  f"{us['reference']:>10.1f}")
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ Rows (targets in brackets):
   gpu_op_bandwidth_over_copy      CUDA only: the Triton op's bytes/s (read + write h, bf16 [64, 2048, 576]) over
                                   copy_ of the same tensor                                   [>= 0.8]
   gpu_steered_over_unsteered_b1/_b64  CUDA only: the activation row's ratio on the GPU            [>= 0.97]
+                                  (``_aten``: the same steering through the ATen path, same run, so
+                                  the faster one for decode can be chosen by measurement)
 The peers need transformers<5 and numpy<2: `make bench-peers` builds .venv-peers and runs this script
 there (or pass --peer-python .venv-peers/bin/python). Rows whose peer is missing say so.
 """
@@ -349,9 +351,27 @@ def row_gpu(results, quick):
             with Steering(model, vec, config):
                 return base()
 
-        t = rounds({"base": base, "steered": steered}, 3 if quick else 11)
+        def steered_aten():                  # the same steering through the ATen path on CUDA (no Triton)
+            previous = K.use("cpu")
+            try:
+                with Steering(model, vec, config):
+                    return base()
+            finally:
+                K.use(previous)
+
+        t = rounds({"base": base, "steered": steered, "steered_aten": steered_aten}, 3 if quick else 11)
         results[f"gpu_steered_over_unsteered_b{b}"] = paired_ratio(t, "base", "steered")
+        results[f"gpu_steered_over_unsteered_b{b}_aten"] = paired_ratio(t, "base", "steered_aten")
         results[f"gpu_tokens_per_s_b{b}"] = {k: b * new / statistics.median(v) for k, v in t.items()}
+        with Steering(model, vec, config):   # both paths give the same tokens (bf16/fp32 rounding aside)
+            ours = generate(model, ids, 8)
+        previous = K.use("cpu")
+        try:
+            with Steering(model, vec, config):
+                aten = generate(model, ids, 8)
+        finally:
+            K.use(previous)
+        results[f"gpu_triton_equals_aten_b{b}"] = bool(torch.equal(ours, aten))
 
 
 # ------------------------------------------------------------------------------------------- main

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from steer import SteeredModel, SteeringVector
 from steer.cli import app
 from steer.kernels import use
-from steer.vectors.condition import fit_condition
+from steer.vectors.condition import fit_condition, score_layer
 from steer.vectors.refusal import compute_refusal, diff_in_means, prompt_sha256
 from steer.vectors.selection import candidate_layers, evaluate_candidates
 from steer.vectors.stats import accuracy, auc, best_threshold
@@ -75,6 +75,21 @@ def test_fit_condition_picks_separating_layer_at_or_below_max():
     assert (proj_h > meta["threshold"]).all() and (proj_s <= meta["threshold"]).all()
     with pytest.raises(ValueError):
         fit_condition(h, s, [2], max_layer=1)
+
+
+def test_score_layer_comparators():
+    e0 = torch.tensor([2.0, 0.0])                          # not unit: score_layer normalises it
+    harm = torch.tensor([[3.0, 1.0], [4.0, -1.0]])          # scores along e0: 3, 4
+    safe = torch.tensor([[0.0, 5.0], [1.0, 0.0]])           # 0, 1
+    above = score_layer(harm, safe, e0)
+    assert (above["threshold"], above["comparator"], above["accuracy"], above["auc"]) == (2.0, ">", 1.0, 1.0)
+    assert above["dprime"] == pytest.approx(3.0 / 0.5)      # mean gap 3, pooled sd 0.5
+    assert score_layer(harm, safe, e0, "auto") == above
+    below = score_layer(harm, safe, -e0, "auto")            # harmful below: the comparator flips, AUC/d' too
+    assert (below["threshold"], below["comparator"], below["accuracy"], below["auc"]) == (-2.0, "<", 1.0, 1.0)
+    assert below["dprime"] == pytest.approx(6.0)
+    wrong_side = score_layer(harm, safe, -e0)               # '>' forced on the wrong side
+    assert wrong_side["auc"] == 0.0 and wrong_side["dprime"] == pytest.approx(-6.0)
 
 
 def test_candidate_layers_skip_last_fifth():

@@ -24,14 +24,23 @@ def unit_diff(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
     return (d / n if n > 0 else d).float()
 
 
-def score_layer(harmful: torch.Tensor, harmless: torch.Tensor, direction: torch.Tensor) -> dict:
-    """Separation of ``[N, d]`` harmful vs harmless activations along ``direction`` (made unit)."""
+def score_layer(harmful: torch.Tensor, harmless: torch.Tensor, direction: torch.Tensor,
+                comparator: str = ">") -> dict:
+    """Separation of ``[N, d]`` harmful vs harmless activations along ``direction`` (made unit).
+
+    ``comparator``: ``">"`` (harmful scores above the threshold), ``"<"``, or ``"auto"`` (the side the harmful
+    mean lies on: recalibrating a fixed direction on another model). AUC and d′ are read in that sense.
+    """
     u = direction.double() / direction.double().norm().clamp_min(1e-12)
     sp, sn = harmful.double() @ u, harmless.double() @ u
-    threshold, acc = best_threshold(sp, sn, ">")
+    if comparator == "auto":
+        comparator = ">" if sp.mean() >= sn.mean() else "<"
+    sign = 1.0 if comparator == ">" else -1.0
+    threshold, acc = best_threshold(sp, sn, comparator)
     pooled = ((sp.var(unbiased=False) + sn.var(unbiased=False)) / 2).sqrt().clamp_min(1e-12)
-    return {"threshold": threshold, "accuracy": round(acc, 6), "auc": round(auc(sp, sn), 6),
-            "dprime": round(float((sp.mean() - sn.mean()) / pooled), 6)}
+    dprime = float(sign * (sp.mean() - sn.mean()) / pooled)
+    return {"threshold": threshold, "comparator": comparator, "accuracy": round(acc, 6),
+            "auc": round(auc(sign * sp, sign * sn), 6), "dprime": round(dprime, 6)}
 
 
 def fit_condition(last_harmful: torch.Tensor, last_harmless: torch.Tensor, layers: list[int], *, max_layer: int,

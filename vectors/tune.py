@@ -34,7 +34,7 @@ from steer.errors import ConfigError
 from steer.evaluate import evaluate, report_to_json
 from steer.vector import SteeringVector
 
-from .stats import auc, best_threshold
+from .condition import score_layer
 
 DEFAULT_ALPHAS = {"add": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0], "ablate": [0.0, 0.25, 0.5, 0.75, 1.0],
                   "ablate_add": [0.0, 0.25, 0.5, 1.0, 1.5, 2.0], "conditional": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0],
@@ -85,17 +85,10 @@ def calibrate_condition(sm, vector: SteeringVector, harmful: list[str], harmless
     if not cond or vector.condition_direction is None:
         raise ConfigError("conditional tuning needs a condition in the vector file", expected="meta condition",
                           found="none", fix="compute the vector with `steer vectors refusal` (it writes one)")
-    layer = int(cond["layer"])
-    d = vector.condition_direction.float()
-    d = d / d.norm()
-    acts = collect(sm, harmful + harmless, layers=[layer], positions="last")[:, 0]
-    scores = acts @ d
-    pos, neg = scores[:len(harmful)], scores[len(harmful):]
-    comparator = ">" if pos.mean() >= neg.mean() else "<"
-    threshold, acc = best_threshold(pos, neg, comparator)
-    a = auc(pos, neg)
-    return {**cond, "threshold": threshold, "comparator": comparator, "accuracy": acc,
-            "auc": a if comparator == ">" else 1 - a, "calibrated_on": sm.fingerprint()["name_or_path"]}
+    acts = collect(sm, harmful + harmless, layers=[int(cond["layer"])], positions="last")[:, 0]
+    s = score_layer(acts[:len(harmful)], acts[len(harmful):], vector.condition_direction, comparator="auto")
+    return {**cond, **{k: s[k] for k in ("threshold", "comparator", "accuracy", "auc")},
+            "calibrated_on": sm.fingerprint()["name_or_path"]}
 
 
 def _points(report: dict, mode: str) -> list[Point]:
