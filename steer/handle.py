@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import types
+import warnings
 
 
 class HookSet:
@@ -13,11 +14,41 @@ class HookSet:
     :class:`ForwardWrap`) to ``self._handles``."""
 
     _handles: list
+    _sites: list = []
 
     def remove(self) -> None:
         """Detach every hook (idempotent)."""
         while self._handles:
             self._handles.pop().remove()
+
+    def _watch_wraps(self) -> None:
+        """At the end of attaching: remember the forward each :class:`ForwardWrap` left on its module."""
+        seen, self._sites = set(), []
+        for h in self._handles:
+            if isinstance(h, ForwardWrap) and id(h.module) not in seen:
+                seen.add(id(h.module))
+                self._sites.append([h.module, h.module.__dict__.get("forward")])
+
+    def _check_wraps(self) -> None:
+        """Once per model forward (a dict lookup per wrapped module): warn, once, when a wrapped module's forward
+        was replaced after attaching by something that is not ours. Such a forward may not call ours: accelerate's
+        ``dispatch_model`` run again on a dispatched model rebuilds each block's forward from the one it saved
+        first, and the steering silently stops."""
+        for site in self._sites:
+            module, forward = site
+            current = module.__dict__.get("forward")
+            if current is forward:
+                continue
+            if _reaches(module, forward):
+                site[1] = current                       # another wrapper of ours on top: still in the chain
+                continue
+            self._sites = []
+            warnings.warn(f"steer: the forward of {type(module).__name__} was replaced after steering was attached "
+                          f"(now {getattr(current, '__qualname__', None) or type(current).__name__}); if it does not "
+                          "call the forward it replaced (accelerate's dispatch_model re-run on a dispatched model "
+                          "does not), steering no longer runs there. Fix: remove the steering, dispatch or wrap the "
+                          "model, then attach the steering again.", RuntimeWarning, stacklevel=2)
+            return
 
     @property
     def active(self) -> bool:
@@ -28,6 +59,19 @@ class HookSet:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _reaches(module, target) -> bool:
+    """Whether ``target`` is in the chain of steer wrappers that starts at the module's forward."""
+    f = module.__dict__.get("forward")
+    for _ in range(256):
+        if f is target:
+            return True
+        w = module.__dict__.get(getattr(getattr(f, "__func__", None), "_steer_key", None) or "")
+        if w is None:
+            return False
+        f = w.previous
+    return False
 
 
 class _Wrapped:

@@ -250,6 +250,7 @@ class Steering(HookSet):
                         self._handles.append(ForwardWrap(block, post=self._make_output_hook(i, gate=False)))
                     else:
                         self._handles.append(ForwardWrap(block, pre=self._make_input_hook(i)))
+            self._watch_wraps()
         except BaseException:
             self.remove()
             raise
@@ -268,6 +269,8 @@ class Steering(HookSet):
         # call (the native op) and no out= into a view. A part compiled on its own (a block, the inner model) is
         # traced inside an eager root forward. (torch.jit.trace and dispatch modes: the native op refuses them.)
         self._eager = not (torch.compiler.is_compiling() or _compiled(self._compile_sites))
+        if self._eager:
+            self._check_wraps()  # still ours on every steered block? (warns once if replaced; ~2 µs for 30)
         if self.scope == "all" and self.condition is None:
             # nothing depends on positions: skip the cache-length read (a device sync / graph break)
             self._fit_rows(batch)

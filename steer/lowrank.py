@@ -79,6 +79,7 @@ class TaskSteering(HookSet):
             for mod, attrs in plan.items():
                 self._attach(mod, attrs, vector, info)
                 self.modules.append(names.get(mod, type(mod).__name__))
+            self._watch_wraps()
         except BaseException:
             self.remove()
             raise
@@ -107,6 +108,8 @@ class TaskSteering(HookSet):
         self._build_coef(self._alphas)
 
     def _begin_forward(self, module, args, kwargs):
+        if not torch.compiler.is_compiling():
+            self._check_wraps()  # still ours on every steered linear? (warns once if replaced)
         x = _first_tensor(args, kwargs)
         if x is None:
             return None

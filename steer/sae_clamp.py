@@ -170,14 +170,20 @@ class FeatureClamp(HookSet):
         self.set_values(value)
         self._handles: list = []
         try:
+            self._handles.append(model.register_forward_pre_hook(self._begin_forward))
             for i in self.layers:
                 if site == "output":
                     self._handles.append(ForwardWrap(blocks[i], post=self._output_hook))
                 else:
                     self._handles.append(ForwardWrap(blocks[i], pre=self._input_hook))
+            self._watch_wraps()
         except BaseException:
             self.remove()
             raise
+
+    def _begin_forward(self, module, args):
+        if not torch.compiler.is_compiling():
+            self._check_wraps()  # still ours on every clamped block? (warns once if replaced)
 
     # ------------------------------------------------------------------ per-row values
     def set_values(self, value) -> None:

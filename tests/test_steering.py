@@ -246,3 +246,74 @@ def test_uncached_generation_holds_the_gate_and_scope(sm, vec):
         cached = sm.generate(prompts, scope=scope, **kw)
         uncached = sm.generate(prompts, scope=scope, use_cache=False, **kw)
         assert cached == uncached, scope
+
+
+def test_replaced_block_forward_warns_once(tmp_path):
+    """accelerate's dispatch_model re-run on a dispatched model drops steer's wrapper: the steering would
+    silently stop, so the next forward warns (once); steering stacked on steering, or nothing replaced, does not."""
+    import warnings
+
+    accelerate = pytest.importorskip("accelerate")
+    from steer.config import SteeringConfig
+    from steer.hooks import Steering
+    from tiny_models import tiny_model
+
+    model = tiny_model()
+    n = model.config.num_hidden_layers
+    dm = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+          **{f"model.layers.{i}": "cpu" for i in range(n)}}
+    model = accelerate.dispatch_model(model, device_map=dm, force_hooks=True)
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        base = model(ids).logits
+    vec = SteeringVector({1: torch.randn(D)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # nothing replaced, steering stacked: no warning
+        with Steering(model, vec, SteeringConfig(mode="add", layers=[1], alpha=2.0)) as s, \
+                Steering(model, vec, SteeringConfig(mode="add", layers=[1], alpha=1.0)):
+            with torch.no_grad():
+                steered = model(ids).logits
+                model(ids)
+    assert not torch.equal(steered, base)
+    with Steering(model, vec, SteeringConfig(mode="add", layers=[1], alpha=3.0)) as s:
+        accelerate.dispatch_model(model, device_map=dm, force_hooks=True)
+        with pytest.warns(RuntimeWarning, match="replaced after steering was attached"):
+            with torch.no_grad():
+                dropped = model(ids).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                   # once per steering
+            with torch.no_grad():
+                model(ids)
+    assert torch.equal(dropped, base)                       # what the warning is about: the steering is gone
+    assert not s.active
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base)
+
+
+def test_replaced_linear_forward_warns_for_task_steering():
+    import functools
+    import warnings
+
+    from steer.lowrank import TaskSteering
+    from steer.vectors.task import compute_task_vector
+    from tiny_models import tiny_model
+
+    model = tiny_model()
+    tv = compute_task_vector(tiny_model("llama", 5), model, rank=2, progress=False)
+    ids = torch.tensor([[3, 4, 5]])
+    lin = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        base = model(ids).logits
+    with TaskSteering(model, tv, alpha=1.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.no_grad():
+                steered = model(ids).logits
+        lin.forward = functools.partial(type(lin).forward, lin)   # replaced by something that skips ours
+        with pytest.warns(RuntimeWarning, match="Linear was replaced"):
+            with torch.no_grad():
+                model(ids)
+    del lin.forward
+    assert not torch.equal(steered, base)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base)

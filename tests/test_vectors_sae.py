@@ -246,3 +246,25 @@ def test_family_sae_features_separate_heldout(request):
                       [r.prompt for r in lang.harmless_prompts("heldout", cap=64)])
     best = max(max(a, 1 - a) for a in got.values())
     assert best >= 0.9, (got, vec.meta["sae"]["stats"])
+
+
+def test_clamp_warns_when_its_block_forward_is_replaced():
+    import functools
+    import warnings
+
+    from steer.sae_clamp import FeatureClamp
+
+    model = tiny_model("llama")
+    ids = torch.tensor([[3, 4, 5]])
+    block = model.model.layers[LAYER]
+    with FeatureClamp(model, _weights(), [5], 4.0, layers=[LAYER]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.no_grad():
+                model(ids)
+        block.forward = functools.partial(type(block).forward, block)   # drops the clamp's wrapper
+        with pytest.warns(RuntimeWarning, match="LlamaDecoderLayer was replaced after steering was attached"):
+            with torch.no_grad():
+                model(ids)
+    del block.forward
+    assert_unhooked(model, model.model.layers)
