@@ -5,13 +5,16 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,triton,sae
+# extra pip arguments for torch, e.g. TORCH_PIP="--index-url https://download.pytorch.org/whl/cpu" for the CPU
+# build on a machine whose pip would otherwise fetch the CUDA one
+TORCH_PIP ?=
 
 .PHONY: install test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(TORCH_PIP)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
@@ -41,7 +44,7 @@ PEER_VENV ?= .venv-peers
 .PHONY: bench-peers bench-quick
 $(PEER_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(PEER_VENV)
-	$(PEER_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(PEER_VENV)/bin/python -m pip install -q torch==2.13.0 $(TORCH_PIP)
 	$(PEER_VENV)/bin/python -m pip install -q -e . "transformers==4.57.6" "numpy<2" repeng steering-vectors
 	touch $@
 
@@ -56,7 +59,7 @@ OLD_VENV ?= .venv-oldest
 .PHONY: test-oldest
 $(OLD_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(OLD_VENV)
-	$(OLD_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OLD_VENV)/bin/python -m pip install -q torch==2.13.0 $(TORCH_PIP)
 	$(OLD_VENV)/bin/python -m pip install -q -e ".[dev]" "transformers==4.57.6" "numpy<2"
 	touch $@
 

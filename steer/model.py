@@ -78,6 +78,7 @@ class SteeredModel:
         self.layers = get_layers(model, layers_path)  # fails early on an unsupported architecture
         self.num_layers = len(self.layers)
         self.hidden_size = hidden_size(model)
+        self.source: str | None = None  # the name it was loaded by (from_pretrained), e.g. "builtin:aligned"
 
     @classmethod
     def from_pretrained(cls, name: str | Path, *, dtype: torch.dtype | str | None = None, device: str | None = None,
@@ -113,7 +114,9 @@ class SteeredModel:
         if device is not None and device_map is None:
             model = model.to(device)
         model.eval()
-        return cls(model, tokenizer, layers_path=layers_path)
+        sm = cls(model, tokenizer, layers_path=layers_path)
+        sm.source = str(name)
+        return sm
 
     # ------------------------------------------------------------------ steering
     def fingerprint(self) -> dict:

@@ -1,4 +1,5 @@
-"""PNG plots a person can read: evaluation sweeps (metrics vs α, one line per layer set) and tuning fronts."""
+"""PNG plots a person can read: evaluation sweeps (metrics vs α, one line per layer set). The tuning front's plot
+is :func:`steer.vectors.tune.plot_front`."""
 
 from __future__ import annotations
 

@@ -53,7 +53,9 @@ def test_small_tune_end_to_end(setup, tmp_path):
     assert summary["heldout"]["harmful_refusal"]["n"] == 16
     path = tuned.save(tmp_path / "tuned.safetensors")
     back = SteeringVector.load(path)
-    assert back.meta["tune"]["best"]["alpha"] == best["alpha"] and back.condition["calibrated_on"]
+    assert back.meta["tune"]["best"]["alpha"] == best["alpha"]
+    # the name the model was loaded by (a builtin: name or a path), by tune and by compute_refusal alike
+    assert comp.source and back.condition["calibrated_on"] == comp.source == vec.condition["calibrated_on"]
     # the tuned file "just works": its recommendations steer held-out prompts
     held = [r.prompt for r in L.harmful_prompts("heldout", cap=24)]
     outs = comp.generate(held, vector=back, max_new_tokens=8)

@@ -142,7 +142,8 @@ def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int 
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _plot_rows(summary_rows, out / "demo.png")
     console.print(f"wrote {out}/: refusal.safetensors, refusal-tuned.safetensors, task.safetensors"
-                  f"{', sae.safetensors' if sae_vec is not None else ''}, results.json, demo.png, tune.png "
+                  f"{', sae.safetensors, sae-feature-tuned.safetensors' if sae_vec is not None else ''}, "
+                  "results.json, demo.png, tune.png "
                   f"({results['seconds']:.0f} s)")
     return results
 

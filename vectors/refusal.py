@@ -177,7 +177,8 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
             fixed = {l: unit_diff(last_h[:, layers.index(l)], last_s[:, layers.index(l)]) for l in cal_layers}
             cal, cond_dir, table = fit_condition(th, ts, cal_layers, max_layer=best, directions=fixed)
             tfp = target.fingerprint()
-            named = calibrate_on if isinstance(calibrate_on, str) else tfp["name_or_path"]
+            named = calibrate_on if isinstance(calibrate_on, str) else \
+                (getattr(target, "source", None) or tfp["name_or_path"])
             cal["calibrated_on"] = named or tfp["architecture"]
             cal["source_fit"] = meta["condition"]
             meta["condition"], meta["condition_table"] = cal, table

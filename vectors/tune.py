@@ -88,7 +88,7 @@ def calibrate_condition(sm, vector: SteeringVector, harmful: list[str], harmless
     acts = collect(sm, harmful + harmless, layers=[int(cond["layer"])], positions="last")[:, 0]
     s = score_layer(acts[:len(harmful)], acts[len(harmful):], vector.condition_direction, comparator="auto")
     return {**cond, **{k: s[k] for k in ("threshold", "comparator", "accuracy", "auc")},
-            "calibrated_on": sm.fingerprint()["name_or_path"]}
+            "calibrated_on": getattr(sm, "source", None) or sm.fingerprint()["name_or_path"]}
 
 
 def _points(report: dict, mode: str) -> list[Point]:
