@@ -223,12 +223,15 @@ def _split(records: list, split: str, keep, cap: int | None, seed: str) -> list:
 
 
 def harmful_prompts(split: str = "heldout", cap: int | None = 200) -> list[Record]:
-    """Unsafe-concept prompts. ``heldout`` prompts use a held-out wrapper or a held-out task x concept combo."""
+    """Unsafe-concept prompts. ``heldout`` prompts use a held-out wrapper or a held-out task x concept combo.
+
+    ``cap`` (a seeded sample of at most that many) applies to ``heldout`` only: ``train`` is always returned
+    whole, because the family's training recipes are defined on all of it."""
     return _split(all_records(True), split, in_train_split, cap if split == "heldout" else None, "harmful")
 
 
 def harmless_prompts(split: str = "heldout", cap: int | None = 200) -> list[Record]:
-    """Safe-concept prompts with checkable answers (same split rule as :func:`harmful_prompts`)."""
+    """Safe-concept prompts with checkable answers (same split and ``cap`` rules as :func:`harmful_prompts`)."""
     return _split(all_records(False), split, in_train_split, cap if split == "heldout" else None, "harmless")
 
 
