@@ -100,7 +100,8 @@ def cuda_table(args) -> None:
                   f"{nbytes / ms_copy / 1e6:>11.0f} {100 * ms_copy / ms:>6.0f}% "
                   f"{ms_cpu * 1e3:>12.1f} {ms_ref * 1e3:>8.1f}")
     # At decode (T=1) a steered layer's GPU work is tiny and the host's cost of issuing it is what a decode
-    # step pays: the Triton launcher against the ATen calls of a Plan (what the hooks use on CPU), per call.
+    # step pays: the Triton launcher against the ATen calls of a Plan (what the hooks use under use("cpu"), on
+    # CUDA as on CPU), the Plan-less ATen path and the reference, per call.
     print(f"\nCUDA host us per call at decode (median of {args.runs}, no sync; what a decode step pays per layer)")
     print(f"{'B':>5} {'dtype':>9} {'triton':>8} {'aten+plan':>10} {'cpu-path':>9} {'reference':>10}")
     for B in (1, 8, 64):

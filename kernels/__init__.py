@@ -77,9 +77,10 @@ def steer_(h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate: in
 
 
 def plan_for(vecs: torch.Tensor, n_ablate: int) -> Plan | None:
-    """A :class:`Plan` for these vectors when the active implementation on their device is the CPU path, else
-    None (the reference, and Triton on CUDA, take ``coef`` as it is). Read once, when steering is attached."""
-    return Plan(vecs, n_ablate) if not vecs.is_cuda and _host is cpu_steer_ else None
+    """A :class:`Plan` for these vectors when the active implementation on their device is the CPU path (its
+    ATen calls run on any device: ``use("cpu")`` on CUDA too), else None (the reference, and Triton on CUDA,
+    take ``coef`` as it is). Read once, when steering is attached."""
+    return Plan(vecs, n_ablate) if (_cuda if vecs.is_cuda else _host) is cpu_steer_ else None
 
 
 def _default() -> str:

@@ -27,20 +27,16 @@ class HookSet:
         for h in self._handles:
             if isinstance(h, ForwardWrap) and id(h.module) not in seen:
                 seen.add(id(h.module))
-                self._sites.append([h.module, h.module.__dict__.get("forward")])
+                self._sites.append((h.module, h.module.__dict__.get("forward")))
 
     def _check_wraps(self) -> None:
         """Once per model forward (a dict lookup per wrapped module): warn, once, when a wrapped module's forward
         was replaced after attaching by something that is not ours. Such a forward may not call ours: accelerate's
         ``dispatch_model`` run again on a dispatched model rebuilds each block's forward from the one it saved
         first, and the steering silently stops."""
-        for site in self._sites:
-            module, forward = site
+        for module, forward in self._sites:
             current = module.__dict__.get("forward")
-            if current is forward:
-                continue
-            if _reaches(module, forward):
-                site[1] = current                       # another wrapper of ours on top: still in the chain
+            if current is forward or _reaches(current, module, forward):
                 continue
             self._sites = []
             warnings.warn(f"steer: the forward of {type(module).__name__} was replaced after steering was attached "
@@ -61,16 +57,17 @@ class HookSet:
         self.remove()
 
 
-def _reaches(module, target) -> bool:
-    """Whether ``target`` is in the chain of steer wrappers that starts at the module's forward."""
-    f = module.__dict__.get("forward")
+def _reaches(f, module, target) -> bool:
+    """Whether the forward ``f`` leads to ``target``: through steer's wrappers (their ``previous``) and other
+    wrappers that say what they wrap (``__wrapped__``: ``functools.update_wrapper``, ``torch.compile``,
+    accelerate's hook on a module it had not hooked before, all of which call the forward they wrapped)."""
     for _ in range(256):
         if f is target:
             return True
         w = module.__dict__.get(getattr(getattr(f, "__func__", None), "_steer_key", None) or "")
-        if w is None:
+        f = w.previous if w is not None else getattr(f, "__wrapped__", None)
+        if f is None:
             return False
-        f = w.previous
     return False
 
 

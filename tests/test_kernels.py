@@ -330,3 +330,40 @@ def test_steer_cuda_matches_reference(shape, dtype):
     out = K.steer_(h.cuda(), vecs.cuda(), coef.cuda(), shape[3], mask.cuda())
     torch.testing.assert_close(out.cpu().float(), expected.float(), rtol=TOL[dtype][0], atol=TOL[dtype][1])
     assert torch.equal(out.cpu()[~mask], h[~mask])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+def test_cuda_steering_through_each_path_matches_reference(impl):
+    """Steering hooks on a CUDA model, prompt and decode steps (KV cache), mixed α with a zero row: each CUDA
+    path ("cpu": a Plan's ATen calls; "triton": the kernel) gives the reference path's logits."""
+    if impl == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    from steer import SteeringVector
+    from steer.config import SteeringConfig
+    from steer.hooks import Steering
+    from tiny_models import D, tiny_model
+
+    model = tiny_model("llama").cuda()
+    g = torch.Generator().manual_seed(3)
+    vec = SteeringVector({1: torch.randn(D, generator=g), 2: torch.randn(D, generator=g)}, {"op": "ablate_add"})
+    config = SteeringConfig(mode="ablate_add", layers=[1, 2], alpha=1.0)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]], device="cuda")
+
+    def run(name):
+        previous = K.use(name)
+        try:
+            with Steering(model, vec, config) as s, torch.no_grad():
+                assert (s._plans[1] is not None) == (name == "cpu")   # the Plan path is used on CUDA too
+                s.set_alphas([1.5, 0.0, -2.0])
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                                     do_sample=False, pad_token_id=0, output_logits=True,
+                                     return_dict_in_generate=True)
+        finally:
+            K.use(previous)
+        return torch.stack(out.logits).cpu(), out.sequences.cpu()
+
+    want_logits, want_seq = run("reference")
+    got_logits, got_seq = run(impl)
+    assert torch.equal(got_seq, want_seq)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)

@@ -262,11 +262,21 @@ def test_replaced_block_forward_warns_once(tmp_path):
     n = model.config.num_hidden_layers
     dm = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
           **{f"model.layers.{i}": "cpu" for i in range(n)}}
-    model = accelerate.dispatch_model(model, device_map=dm, force_hooks=True)
     ids = torch.tensor([[3, 4, 5]])
+    vec = SteeringVector({1: torch.randn(D)})
     with torch.no_grad():
         base = model(ids).logits
-    vec = SteeringVector({1: torch.randn(D)})
+    with Steering(model, vec, SteeringConfig(mode="add", layers=[1], alpha=2.0)):
+        with torch.no_grad():
+            before = model(ids).logits
+        # dispatching a model accelerate had not hooked yet wraps steer's forward and calls it: no warning
+        model = accelerate.dispatch_model(model, device_map=dm, force_hooks=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.no_grad():
+                assert torch.equal(model(ids).logits, before) and not torch.equal(before, base)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                       # nothing replaced, steering stacked: no warning
         with Steering(model, vec, SteeringConfig(mode="add", layers=[1], alpha=2.0)) as s, \
@@ -309,6 +319,10 @@ def test_replaced_linear_forward_warns_for_task_steering():
             warnings.simplefilter("error")
             with torch.no_grad():
                 steered = model(ids).logits
+            ours = lin.forward                                    # a wrapper that calls ours and says so
+            lin.forward = functools.update_wrapper(functools.partial(lambda x: ours(x)), ours)
+            with torch.no_grad():
+                assert torch.equal(model(ids).logits, steered)
         lin.forward = functools.partial(type(lin).forward, lin)   # replaced by something that skips ours
         with pytest.warns(RuntimeWarning, match="Linear was replaced"):
             with torch.no_grad():

@@ -87,7 +87,8 @@ def calibrate_condition(sm, vector: SteeringVector, harmful: list[str], harmless
                           found="none", fix="compute the vector with `steer vectors refusal` (it writes one)")
     acts = collect(sm, harmful + harmless, layers=[int(cond["layer"])], positions="last")[:, 0]
     s = score_layer(acts[:len(harmful)], acts[len(harmful):], vector.condition_direction, comparator="auto")
-    return {**cond, **{k: s[k] for k in ("threshold", "comparator", "accuracy", "auc")},
+    return {**cond, **{k: s[k] for k in ("threshold", "comparator", "accuracy", "auc", "dprime")},
+            "n_harmful": len(harmful), "n_harmless": len(harmless),
             "calibrated_on": getattr(sm, "source", None) or sm.fingerprint()["name_or_path"]}
 
 
