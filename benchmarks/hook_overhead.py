@@ -8,6 +8,8 @@ Part 2, in context, on the benchmark's 30-layer model (B=1, greedy ``generate``)
 a no-op :class:`steer.handle.ForwardWrap` add per layer-step (why steer wraps forwards), and steer's per-layer
 function timed inside the decode. Here every ATen call costs ~4 µs instead of ~1-2 µs, because the layer's
 weight traffic has just evicted the code and data the call needs; that, not arithmetic, is what steering costs.
+Part 3: the once-per-forward check that every wrapped module still runs steer's wrapper (µs per model forward):
+Steering on 30 blocks, and per-request task steering on every attention/MLP linear.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from steer.hooks import Steering
 from steer.kernels import Plan, native, steer_
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run import build_model, generate, prompt_ids  # noqa: E402
+from run import build_model, generate, lowrank_vector, prompt_ids  # noqa: E402
 
 
 def per_call_us(fn, n: int, reps: int = 7) -> float:
@@ -126,6 +128,20 @@ def in_context(new: int = 16, reps: int = 5, rounds: int = 21) -> None:
         print(f"  {'steer per-layer function, ' + label:44s} {statistics.median(per_run):8.1f}")
 
 
+def wrap_checks() -> None:
+    from steer.lowrank import TaskSteering
+
+    model = build_model()
+    n, d = model.config.num_hidden_layers, model.config.hidden_size
+    vec = SteeringVector({i: torch.randn(d) for i in range(n)}, {"op": "ablate_add"})
+    print("once-per-forward check of the wrapped modules (µs per model forward)")
+    with Steering(model, vec, SteeringConfig(mode="ablate_add", layers=list(range(n)), alpha=1.0)) as st:
+        print(f"  {f'Steering, {len(st._sites)} blocks':44s} {per_call_us(st._check_wraps, 2000):8.1f}")
+    with TaskSteering(model, lowrank_vector(model, 4)) as ts:
+        print(f"  {f'TaskSteering, {len(ts._sites)} linears':44s} {per_call_us(ts._check_wraps, 500):8.1f}")
+
+
 if __name__ == "__main__":
     tight_loop()
     in_context()
+    wrap_checks()
