@@ -354,12 +354,8 @@ def row_gpu(results, quick):
                 return base()
 
         def steered_aten():                  # the same steering through the ATen path on CUDA (no Triton)
-            previous = K.use("cpu")
-            try:
-                with Steering(model, vec, config):
-                    return base()
-            finally:
-                K.use(previous)
+            with K.using("cpu"), Steering(model, vec, config):
+                return base()
 
         t = rounds({"base": base, "steered": steered, "steered_aten": steered_aten}, 3 if quick else 11)
         results[f"gpu_steered_over_unsteered_b{b}"] = paired_ratio(t, "base", "steered")
@@ -367,12 +363,8 @@ def row_gpu(results, quick):
         results[f"gpu_tokens_per_s_b{b}"] = {k: b * new / statistics.median(v) for k, v in t.items()}
         with Steering(model, vec, config), torch.no_grad():   # both paths: the same logits up to fp32 rounding
             ours = model(ids).logits
-        previous = K.use("cpu")
-        try:
-            with Steering(model, vec, config), torch.no_grad():
-                aten = model(ids).logits
-        finally:
-            K.use(previous)
+        with K.using("cpu"), Steering(model, vec, config), torch.no_grad():
+            aten = model(ids).logits
         results[f"gpu_max_logit_diff_triton_vs_aten_b{b}"] = float((ours - aten).abs().max())
 
 

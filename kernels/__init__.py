@@ -1,7 +1,7 @@
 """The fused steering op: ``h <- h - sum_j beta_j (h.r_j) r_j + sum_k alpha_k v_k`` in place.
 
 Three implementations behind :func:`steer_`, chosen once at import (override with the
-``STEER_KERNEL`` environment variable or :func:`use`):
+``STEER_KERNEL`` environment variable, :func:`use` or :func:`using`):
 
 * ``"reference"`` — :mod:`.reference`, the literal plain-PyTorch spec (every device);
 * ``"cpu"``       — :mod:`.cpu`, few ATen calls, per-row operands precomputed in a ``Plan`` (every device);
@@ -19,6 +19,7 @@ only on the first CUDA call.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -27,7 +28,7 @@ import torch
 from .cpu import Plan, cpu_steer_
 from .reference import reference_steer_
 
-__all__ = ["IMPL", "IMPLS", "Plan", "plan_for", "reference_steer_", "steer_", "use"]
+__all__ = ["IMPL", "IMPLS", "Plan", "plan_for", "reference_steer_", "steer_", "use", "using"]
 
 IMPLS = ("reference", "cpu", "triton")
 IMPL: str = "cpu"
@@ -56,6 +57,16 @@ def use(name: str) -> str:
     _host = reference_steer_ if name == "reference" else cpu_steer_
     _cuda = {"reference": reference_steer_, "cpu": cpu_steer_, "triton": _triton_cuda}[name]
     return previous
+
+
+@contextlib.contextmanager
+def using(name: str):
+    """``with using("cpu"): Steering(...)``: :func:`use` for a block, the previous choice restored after."""
+    previous = use(name)
+    try:
+        yield
+    finally:
+        use(previous)
 
 
 def steer_(h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate: int,

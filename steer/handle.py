@@ -14,7 +14,7 @@ class HookSet:
     :class:`ForwardWrap`) to ``self._handles``."""
 
     _handles: list
-    _sites: list = []
+    _sites: list | tuple = ()        # (module, forward) pairs, set by _watch_wraps
 
     def remove(self) -> None:
         """Detach every hook (idempotent)."""

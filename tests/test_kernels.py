@@ -234,6 +234,12 @@ def test_use_switches_and_restores():
         check(K.steer_, 2, 3, 37, 1, 2, torch.bfloat16, "float")
         with pytest.raises(ValueError, match="expected one of"):
             K.use("cuda")
+        with K.using("reference"):
+            assert K.IMPL == "reference"
+        assert K.IMPL == "cpu"
+        with pytest.raises(RuntimeError), K.using("reference"):
+            raise RuntimeError
+        assert K.IMPL == "cpu"                 # restored after an exception too
     finally:
         K.use(previous)
 
@@ -351,16 +357,11 @@ def test_cuda_steering_through_each_path_matches_reference(impl):
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]], device="cuda")
 
     def run(name):
-        previous = K.use(name)
-        try:
-            with Steering(model, vec, config) as s, torch.no_grad():
-                assert (s._plans[1] is not None) == (name == "cpu")   # the Plan path is used on CUDA too
-                s.set_alphas([1.5, 0.0, -2.0])
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
-                                     do_sample=False, pad_token_id=0, output_logits=True,
-                                     return_dict_in_generate=True)
-        finally:
-            K.use(previous)
+        with K.using(name), Steering(model, vec, config) as s, torch.no_grad():
+            assert (s._plans[1] is not None) == (name == "cpu")   # the Plan path is used on CUDA too
+            s.set_alphas([1.5, 0.0, -2.0])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                                 do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
         return torch.stack(out.logits).cpu(), out.sequences.cpu()
 
     want_logits, want_seq = run("reference")
