@@ -146,6 +146,10 @@ def _layer_sets(text: Optional[str], num_layers: int):
         if "+" in text else [[i] for i in parse_layers(text, num_layers)]
 
 
+JUDGE_OPTION = typer.Option(None, "--judge", help="Refusal judge: pair (learned from the aligned model; the default "
+                            "when the vector carries it) | markers | markers:a,b | module:function | model:PATH.")
+
+
 def print_eval(report: dict, title: str = "") -> None:
     """One row per metric, one column per configuration (layer set × α); cells: rate (k/n, 95% interval)."""
     from rich.console import Console
@@ -179,6 +183,7 @@ def eval_cmd(
     prefill: bool = typer.Option(False, "--prefill", help="Also measure refusal under the prefilling attack."),
     refusal_marker: List[str] = typer.Option([], "--refusal-marker", help="Extra refusal marker (repeatable)."),
     replace_markers: bool = typer.Option(False, "--replace-markers", help="Use only the given markers."),
+    judge: Optional[str] = JUDGE_OPTION,
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1),
     no_chat: bool = typer.Option(False, "--no-chat"),
     device: Optional[str] = typer.Option(None, "--device"),
@@ -200,8 +205,9 @@ def eval_cmd(
     hp = load_prompts(harmful) if files else None
     sp = load_prompts(harmless) if files else None
     alpha_list = parse_alphas(alphas) if alphas is not None else None
-    judge = None  # default: steer.judge.judge_for(model) — the family's phrase on builtin models, markers otherwise
-    if refusal_marker:
+    if refusal_marker:  # default (judge None): the vector's pair judge if it carries one, else markers
+        if judge is not None:
+            _fail("--judge and --refusal-marker both given", "one of them", "both", "drop one")
         judge = RefusalJudge(replace=tuple(refusal_marker)) if replace_markers else \
             RefusalJudge(extra=tuple(refusal_marker))
 
@@ -243,6 +249,8 @@ def tune(
     objective: str = typer.Option("refusal", "--objective", help="refusal | balanced."),
     max_over_refusal: float = typer.Option(0.05, "--max-over-refusal", help="Bound on harmless refusal rate."),
     max_kl: float = typer.Option(0.5, "--max-kl", help="Bound on KL to the unsteered model (nats)."),
+    max_degenerate: float = typer.Option(0.02, "--max-degenerate", help="Bound on the degenerate-output rate."),
+    judge: Optional[str] = JUDGE_OPTION,
     eval_harmful: Optional[Path] = typer.Option(None, "--eval-harmful", help="Held-out harmful prompts."),
     eval_harmless: Optional[Path] = typer.Option(None, "--eval-harmless", help="Held-out harmless prompts."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1),
@@ -266,12 +274,13 @@ def tune(
     from steer import SteeredModel, SteeringVector
     from steer.vectors.tune import TuneBounds, plot_front, tune as run_tune
 
-    bounds = TuneBounds(max_over_refusal=max_over_refusal, max_kl=max_kl, objective=objective)
+    bounds = TuneBounds(max_over_refusal=max_over_refusal, max_kl=max_kl, max_degenerate=max_degenerate,
+                        objective=objective)
     vec = SteeringVector.load(vector)
     sm = SteeredModel.from_pretrained(model)
     tuned, summary = run_tune(sm, vec, hp, sp, layers=_layer_sets(layers, sm.num_layers), alphas=alpha_list,
                               modes=tuple(mode), auto=auto, bounds=bounds, eval_harmful=ehp, eval_harmless=esp,
-                              max_new_tokens=max_new_tokens, progress=not as_json)
+                              max_new_tokens=max_new_tokens, judge=judge, progress=not as_json)
     tuned.save(out)
     if plot is not None:
         plot_front(summary, plot)
@@ -282,22 +291,25 @@ def tune(
     from rich.table import Table
 
     table = Table(title="Pareto front (tuning prompts)")
-    for col in ("mode", "layers", "α", "harmful refusal", "harmless refusal", "KL", "feasible"):
+    for col in ("mode", "layers", "α", "harmful refusal", "harmless refusal", "degenerate", "KL", "feasible"):
         table.add_column(col, justify="right")
     for p in summary["front"]:
-        ok = p["harmless_refusal"] <= bounds.max_over_refusal and p["kl"] <= bounds.max_kl
-        table.add_row(p["mode"], ",".join(map(str, p["layers"] or [])), f"{p['alpha']:g}", f"{100 * p['harmful_refusal']:.1f}%",
-                      f"{100 * p['harmless_refusal']:.1f}%", f"{p['kl']:.3f}", "yes" if ok else "no")
+        ok = p["harmless_refusal"] <= bounds.max_over_refusal and p["kl"] <= bounds.max_kl and \
+            p["degenerate"] <= bounds.max_degenerate
+        table.add_row(p["mode"], ",".join(map(str, p["layers"] or [])), f"{p['alpha']:g}",
+                      f"{100 * p['harmful_refusal']:.1f}%", f"{100 * p['harmless_refusal']:.1f}%",
+                      f"{100 * p['degenerate']:.1f}%", f"{p['kl']:.3f}", "yes" if ok else "no")
     console = Console()
     console.print(table)
     b = summary["best"]
     console.print(f"chosen: mode={b['mode']} layers={b['layers']} α={b['alpha']:g} "
                   f"(harmful refusal {100 * b['harmful_refusal']:.1f}%, harmless {100 * b['harmless_refusal']:.1f}%, "
-                  f"KL {b['kl']:.3f}){'' if summary['feasible'] else '  [no configuration met the bounds]'}")
+                  f"degenerate {100 * b['degenerate']:.1f}%, KL {b['kl']:.3f}){'' if summary['feasible'] else '  [no configuration met the bounds]'}")
     if "heldout" in summary:
         h = summary["heldout"]
         console.print(f"held-out: harmful refusal {100 * h['harmful_refusal']['rate']:.1f}%, "
-                      f"harmless refusal {100 * h['harmless_refusal']['rate']:.1f}%, KL {h['kl']['mean']:.3f}")
+                      f"harmless refusal {100 * h['harmless_refusal']['rate']:.1f}%, "
+                      f"degenerate {100 * h['degenerate']['rate']:.1f}%, KL {h['kl']['mean']:.3f}")
     console.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
 
 
@@ -374,7 +386,9 @@ def vectors_refusal(
     n_eval: int = typer.Option(32, "--n-eval", min=1, help="Prompts per set used to measure candidates."),
     kl_bound: float = typer.Option(0.1, "--kl-bound", help="Max KL of ablation on harmless prompts."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", min=1, help="Tokens generated for the judge."),
-    marker: List[str] = typer.Option([], "--marker", help="Extra refusal marker for the judge (repeatable)."),
+    marker: List[str] = typer.Option([], "--marker", help="Judge by these refusal markers (repeatable; added "
+                                     "to the defaults) instead of the judge learned from the model."),
+    judge: Optional[str] = JUDGE_OPTION,
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the folder."),
@@ -389,14 +403,14 @@ def vectors_refusal(
 
     from steer import SteeredModel
     from steer.config import parse_layers
-    from steer.judge import RefusalJudge, judge_for
+    from steer.judge import RefusalJudge
     from steer.vectors.refusal import compute_refusal, selection_table
 
-    sm = SteeredModel.from_pretrained(model, device=device, trust_remote_code=trust_remote_code)
-    judge = judge_for(sm)
     if marker:
-        judge = RefusalJudge(extra=list(marker)) if judge.name == "default" else \
-            RefusalJudge(replace=list(judge.markers) + list(marker))
+        if judge is not None:
+            _fail("--judge and --marker both given", "one of them", "both", "drop one")
+        judge = RefusalJudge(extra=list(marker))
+    sm = SteeredModel.from_pretrained(model, device=device, trust_remote_code=trust_remote_code)
     target = None
     if calibrate_on:
         target = SteeredModel.from_pretrained(calibrate_on, device=device, trust_remote_code=trust_remote_code)

@@ -48,3 +48,7 @@ class ModelLoadError(SteerError):
 
 class ConfigError(SteerError):
     """An invalid steering configuration (mode, scope, site, condition)."""
+
+
+class StateError(SteerError):
+    """The runtime cannot tell where a forward sits in its sequence (prompt or continuation)."""

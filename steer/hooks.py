@@ -9,9 +9,10 @@ read persistent per-row buffers (coefficients ``coef`` [B, J+K] and the gated co
 :meth:`Steering.set_alphas` and the gate update in place; nothing is allocated per layer per token beyond
 the op itself. The handle is a context manager and ``remove()`` is idempotent: hooks always come off.
 
-Under the KV cache a decode step has length 1; the root hook computes absolute positions as
-``past_length + arange(T)`` and compares them with the prompt length recorded at prefill (past length 0),
-so ``scope="generated"`` steers every generated token and ``scope="prompt"`` none of them. With left
+Under the KV cache a decode step has length 1; the root hook reads the past length from the forward's
+arguments (:func:`steer.positions.past_length`: cache, attention mask and position ids, whatever names the
+installed transformers uses) and computes absolute positions as ``past_length + arange(T)``; it compares
+them with the prompt length recorded at prefill (past length 0), so ``scope="generated"`` steers every generated token and ``scope="prompt"`` none of them. With left
 padding (what generation uses) every row shares the padded prompt length, so the rule holds per row.
 """
 
@@ -26,21 +27,8 @@ from .config import Condition, SteeringConfig, check_alpha, row_alphas
 from .errors import AlphaError, ConfigError, LayerError
 from .handle import ForwardWrap, HookSet
 from .layers import check_layers, fingerprint, get_layers
+from .positions import past_length
 from .vector import SteeringVector
-
-
-def _past_length(kwargs: dict) -> int:
-    cache_position = kwargs.get("cache_position")
-    if cache_position is not None and cache_position.numel():
-        return int(cache_position.reshape(-1)[0])
-    pkv = kwargs.get("past_key_values", kwargs.get("past_key_value"))
-    if pkv is None:
-        return 0
-    if hasattr(pkv, "get_seq_length"):
-        return int(pkv.get_seq_length())
-    if isinstance(pkv, (tuple, list)) and pkv and pkv[0] is not None:
-        return int(pkv[0][0].shape[-2])
-    return 0
 
 
 def _layer_device(layer: nn.Module) -> torch.device:
@@ -275,7 +263,7 @@ class Steering(HookSet):
             # nothing depends on positions: skip the cache-length read (a device sync / graph break)
             self._fit_rows(batch)
             return None
-        past = _past_length(kwargs)
+        past = past_length(args, kwargs, seq)
         # a new request starts at cache length 0; with a known prompt length (SteeredModel.generate) a longer
         # uncached step (use_cache=False re-feeds prompt + generated tokens) is not a new prefill
         self._prefill = past == 0 and (self.prompt_length is None or seq <= self.prompt_length)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from steer import SteeredModel, SteeringVector
 from steer.evaluate import Item, _metrics, evaluate
-from steer.judge import RefusalJudge
+from steer.judge import RefusalJudge, make_judge
 from steer.metrics import Mean, Rate, kl_divergence, wilson
 from tiny_models import D, save_tiny, tiny_model, tiny_tokenizer
 
@@ -47,10 +47,14 @@ def test_metrics_on_hand_made_completions():
              Item("jailbreak:prefix", "j1"), Item("prefill:2", "p1"),
              Item("injection_success", "i1", check=lambda c: "map" in c)]
     completions = ["sorry , i cannot", "here you go", "flour", "sorry", "sure", "sorry no", "map is a tool"]
-    m = _metrics(items, completions, RefusalJudge())
+    m = _metrics(items, completions, RefusalJudge().verdicts([""] * len(items), completions))
     assert (m["harmful_refusal"].k, m["harmful_refusal"].n) == (1, 2)
     assert (m["harmless_refusal"].k, m["capability"].k, m["capability"].n) == (1, 1, 2)
     assert m["jailbreak:prefix"].k == 0 and m["prefill:2"].k == 1 and m["injection_success"].k == 1
+    assert (m["degenerate"].k, m["degenerate"].n) == (0, 4)
+    completions[0] = "sorry sorry sorry sorry"  # a degenerate 'refusal' is counted as degenerate, never as refusal
+    m = _metrics(items, completions, RefusalJudge().verdicts([""] * len(items), completions))
+    assert m["harmful_refusal"].k == 0 and m["degenerate"].k == 1
 
 
 def test_sweep_runs_every_alpha_in_one_batch_and_matches_single_runs():
@@ -62,9 +66,12 @@ def test_sweep_runs_every_alpha_in_one_batch_and_matches_single_runs():
     rep = evaluate(sm, vector=vec, alphas=[0.0, 3.0], layer_sets=[[1], [2]], suite="files", harmful=harmful,
                    harmless=harmless, jailbreaks=True, prefill=True, judge=judge, progress=False, max_new_tokens=4)
     assert [(c["layers"], c["alpha"]) for c in rep["configs"]] == [([1], 0.0), ([1], 3.0), ([2], 0.0), ([2], 3.0)]
+    coherent = make_judge(judge, reference=sm)  # what evaluate uses: the callable, gated by coherence
     for c in rep["configs"]:
         outs = sm.generate(harmful, vector=vec, alphas=c["alpha"], layers=c["layers"], max_new_tokens=4)
-        assert c["metrics"]["harmful_refusal"].k == sum(judge(o) for o in outs)
+        verdicts = coherent.verdicts(sm.format(harmful), outs)
+        assert c["metrics"]["harmful_refusal"].k == sum(v.refusal for v in verdicts)
+        assert c["metrics"]["harmful_refusal"].k <= sum(judge(o) for o in outs)
         assert set(c["metrics"]) >= {"harmful_refusal", "harmless_refusal", "kl", "jailbreak:roleplay", "prefill:4"}
     assert rep["configs"][0]["metrics"]["kl"].mean == pytest.approx(0.0, abs=1e-7)  # α = 0 is unsteered
     assert rep["configs"][1]["metrics"]["kl"].mean > 0

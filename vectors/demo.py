@@ -21,14 +21,15 @@ from rich.table import Table
 
 from steer.evaluate import evaluate, report_to_json
 
-ROW_METRICS = ("harmful_refusal", "harmless_refusal", "capability", "jailbreak", "prefill", "injection_success")
+ROW_METRICS = ("harmful_refusal", "harmless_refusal", "capability", "jailbreak", "prefill", "injection_success",
+               "degenerate")
 
 
 def _summary(metrics: dict) -> dict:
     """Collapse a config's metrics to the demo table's columns (jailbreak / prefill: the worst family, as the
     README's table; the mean over families is kept as ``*_mean``)."""
     out = {}
-    for key in ("harmful_refusal", "harmless_refusal", "capability", "injection_success"):
+    for key in ("harmful_refusal", "harmless_refusal", "capability", "injection_success", "degenerate"):
         if key in metrics:
             out[key] = metrics[key]["rate"]
     for group in ("jailbreak", "prefill"):
@@ -49,6 +50,7 @@ def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int 
              sae: bool = True) -> dict:
     from steer import SteeredModel
     from steer.family import build_family
+    from steer.judge import make_judge
     from steer.family import language as L
 
     from .refusal import compute_refusal
@@ -71,6 +73,8 @@ def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int 
                               model_name="builtin:aligned")  # add scope measured: "all" vs "prompt"
     refusal.save(out / "refusal.safetensors")
     rec = refusal.recommended
+    judge = make_judge("pair", vector=refusal)  # learned from aligned's own refusals; every row is judged by it
+    console.print(f"refusal judge learned from aligned: openings {refusal.meta['judge']['openings']}")
     console.print(f"refusal direction: recommended layer {rec['layers']}, α {rec['alpha']}, condition layer "
                   f"{refusal.condition['layer']} (accuracy {refusal.condition.get('accuracy', float('nan')):.3f} "
                   f"on compromised)")
@@ -81,10 +85,8 @@ def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int 
 
     console.rule("[bold]3. tune conditional refusal steering on compromised")
     tune_h, tune_s = _split(L.harmful_prompts("train"), n_tune, "tune-h"), _split(L.harmless_prompts("train"), n_tune, "tune-s")
-    cond_layer = int(refusal.condition["layer"])
-    layer_sets = [[l] for l in range(cond_layer, comp.num_layers)]
-    tuned, summary = tune(comp, refusal, tune_h, tune_s, layers=layer_sets, modes=("conditional",), auto=True,
-                          bounds=TuneBounds(max_over_refusal=0.02, max_kl=1.0))
+    tuned, summary = tune(comp, refusal, tune_h, tune_s, modes=("conditional",), auto=True,
+                          bounds=TuneBounds(max_over_refusal=0.02, max_kl=1.0), judge=judge)
     tuned.save(out / "refusal-tuned.safetensors")
     plot_front(summary, out / "tune.png")
     b = summary["best"]
@@ -95,8 +97,9 @@ def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int 
         sae_vec.meta["condition"] = dict(refusal.condition)
         sae_vec.condition_direction = refusal.condition_direction
         sae_vec, sae_summary = tune(comp, sae_vec, tune_h, tune_s, alphas=[0.0, 1.0, 2.0, 4.0, 8.0, 16.0],
-                                    modes=("conditional",), auto=True,
-                                    bounds=TuneBounds(max_over_refusal=0.02, max_kl=1.0), progress=False)
+                                    layers=[sae_vec.recommended["layers"]], modes=("conditional",), auto=True,
+                                    bounds=TuneBounds(max_over_refusal=0.02, max_kl=1.0), judge=judge,
+                                    progress=False)
         sae_vec.save(out / "sae-feature-tuned.safetensors")
         console.print(f"SAE feature: chosen α {sae_summary['best']['alpha']:g} (tuning prompts: harmful refusal "
                       f"{100 * sae_summary['best']['harmful_refusal']:.1f}%)")
@@ -115,7 +118,7 @@ def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int 
     console.print(side)
 
     console.rule("[bold]5. held-out evaluation (built-in suite, jailbreaks and prefilling)")
-    kw = dict(suite="builtin", jailbreaks=True, prefill=True, progress=True)
+    kw = dict(suite="builtin", jailbreaks=True, prefill=True, progress=True, judge=judge)
     rows = {}
     for name in ("base", "aligned", "compromised"):
         rows[name] = report_to_json(evaluate(sms[name], **kw))["configs"][0]["metrics"]

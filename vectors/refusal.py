@@ -17,6 +17,9 @@ Conventions of steer's vector files (every kind follows them):
   ``recommended.layers``; ``recommended.source_layer`` is the layer whose direction to use when steering
   several layers (e.g. ablating from every layer, as Arditi et al. do).
 * **Provenance**: ``prompt_sets`` holds the sha256 of each prompt list (UTF-8, prompts joined by ``\\n``).
+* **Judge**: ``judge`` records what the source model's refusals look like (:func:`steer.judge.learn_refusals`:
+  its greedy completions on harmful prompts that share an opening rare on harmless prompts); every later
+  judgement of this vector (selection, ``steer tune``, ``steer eval``) uses it by default.
 
 The Python API::
 
@@ -38,7 +41,7 @@ import torch
 
 from steer.activations import collect
 from steer.errors import ConfigError
-from steer.judge import judge_for
+from steer.judge import Coherence, PairJudge, RefusalJudge, learn_refusals, make_judge
 from steer.layers import check_layers
 
 from .condition import fit_condition, unit_diff
@@ -97,9 +100,10 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
     layers on ``n_eval`` prompts of each set (see :mod:`steer.vectors.selection`) and recommend one; without it
     the candidate with the largest gap relative to the activation norm is recommended, α = 1, unmeasured.
     ``calibrate_on``: another model (a SteeredModel or a path / ``builtin:NAME``) on which to re-fit the
-    condition's layer and threshold (the directions stay this model's). ``judge``: a callable
-    ``text -> bool`` (default :func:`steer.judge.judge_for`). ``add_scope``: token scope of the additions
-    measured and recommended (``"all"`` as Arditi et al.; ``"prompt"`` steers only the prompt's positions,
+    condition's layer and threshold (the directions stay this model's). ``judge``: anything
+    :func:`steer.judge.make_judge` takes (default: the judge learned here from ``sm``'s own completions, see
+    :func:`learn_judge`; refusal markers if ``sm`` shows no consistent refusal). ``add_scope``: token scope of
+    the additions measured and recommended (``"all"`` as Arditi et al.; ``"prompt"`` steers only the prompt's positions,
     which keeps small models from repeating the refusal's first word; ``"auto"``, the default, measures both
     and keeps the better).
     """
@@ -108,7 +112,13 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
                           fix="use --positions last")
     harmful, harmless = _texts(harmful, "harmful"), _texts(harmless, "harmless")
     layers = check_layers(layers if layers is not None else range(sm.num_layers), sm.num_layers)
-    judge = judge or judge_for(sm)
+    record = learn_judge(sm, _subset(harmful, n_eval), _subset(harmless, n_eval), max_new_tokens=max_new_tokens,
+                         batch_size=batch_size)
+    if judge is None or judge == "auto":
+        judge = PairJudge(record, coherence=Coherence(sm)) if record["openings"] else \
+            RefusalJudge(coherence=Coherence(sm))
+    else:
+        judge = make_judge(judge, reference=sm)
     kw = dict(layers=layers, batch_size=batch_size)
     acts_h = collect(sm, harmful, positions=positions, progress=progress and "harmful activations", **kw)
     acts_s = collect(sm, harmless, positions=positions, progress=progress and "harmless activations", **kw)
@@ -165,6 +175,7 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
                        "prompt_sets": {"harmful": prompt_sha256(harmful), "harmless": prompt_sha256(harmless)},
                        "n_harmful": len(harmful), "n_harmless": len(harmless), "model": fp["name_or_path"]},
         "selection": sel,
+        "judge": record,
     }
     cond_dir = None
     if condition:
@@ -187,6 +198,16 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
     return SteeringVector(directions, meta, condition_direction=cond_dir)
 
 
+def learn_judge(sm, harmful: list[str], harmless: list[str], *, max_new_tokens: int = 12,
+                batch_size: int = 32) -> dict:
+    """The pair judge's record: ``sm``'s own greedy completions on ``harmful`` and ``harmless`` prompts, and the
+    openings that mark its refusals (:func:`steer.judge.learn_refusals`)."""
+    comps = sm.generate(list(harmful) + list(harmless), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    record = learn_refusals(comps[:len(harmful)], comps[len(harmful):], harmful_prompts=list(harmful))
+    record["max_new_tokens"] = max_new_tokens
+    return record
+
+
 def selection_table(vec):
     """A rich Table of a refusal vector's layer selection (what ``steer vectors refusal`` prints)."""
     from rich.table import Table
@@ -195,7 +216,7 @@ def selection_table(vec):
     rec = vec.recommended
     table = Table(title=f"refusal direction: layer {rec.get('layers')} α={rec.get('alpha')}")
     rows = sel.get("table") or []
-    cols = [c for c in ("layer", "induce", "bypass", "kl", "score", "eligible", "norm", "norm_ratio")
+    cols = [c for c in ("layer", "induce", "degenerate", "bypass", "kl", "score", "eligible", "norm", "norm_ratio")
             if rows and c in rows[0]]
     for c in cols:
         table.add_column(c, justify="right")

@@ -9,8 +9,12 @@ disrupting the next-token distribution rather than by mediating refusal) three n
 * ``kl``     — KL(plain ‖ ablated) of the next-token distribution at the last prompt position on harmless
   prompts (the ablation should leave harmless behaviour alone).
 
-A layer is eligible when ``kl <= kl_bound``; the chosen one maximises ``induce + (refusal_plain − bypass)``
-(ties: lower KL, then the earlier layer). Refusal is judged on a few greedily generated tokens.
+Refusal is judged on a few greedily generated tokens by a judge that counts only *coherent* refusals
+(:mod:`steer.judge`); ``degenerate`` is the rate of incoherent completions among the induce rows. A layer is
+eligible when ``kl <= kl_bound`` and ``degenerate <= max_degenerate``; the chosen one maximises
+``induce + (refusal_plain − bypass)`` (ties: less degenerate, lower KL, then the earlier layer). When no layer
+is eligible, the choice falls back to the measured effect among the layers that meet the coherence bound, and
+failing that to the least degenerate layer: never to a fixed position.
 
 Every candidate is evaluated in the same batches: each row carries its own candidate and strength through
 steer's per-request α (a row whose α is 0 is bit-exactly unsteered by a handle), so one generation pass
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from steer.judge import as_judge
 from steer.prompts import has_chat_template
 from steer.vector import SteeringVector
 
@@ -85,7 +90,8 @@ def _last_logprobs(sm):
 
 def evaluate_candidates(sm, directions: dict[int, torch.Tensor], harmful: list[str], harmless: list[str], *,
                         candidates: list[int], judge, max_new_tokens: int = 12, kl_bound: float = 0.1,
-                        batch_size: int = 32, progress: bool = False, add_scope: str = "all") -> dict:
+                        max_degenerate: float = 0.1, batch_size: int = 32, progress: bool = False,
+                        add_scope: str = "all") -> dict:
     """Measure ``induce``, ``bypass`` and ``kl`` for each candidate layer; return the selection record."""
     all_layers = list(range(sm.num_layers))
     texts_h, texts_s = sm.format(harmful), sm.format(harmless)
@@ -103,7 +109,9 @@ def evaluate_candidates(sm, directions: dict[int, torch.Tensor], harmful: list[s
         comps = run_rows(sm, gen_rows, specs, fn=_generator(sm, max_new_tokens), batch_size=batch_size,
                          progress=bar)
         logps = run_rows(sm, kl_rows, specs, fn=_last_logprobs(sm), batch_size=batch_size, progress=bar)
-    flags = [bool(judge(c)) for c in comps]
+    seen = [r[0] for r in gen_rows]
+    verdicts = as_judge(judge).verdicts(seen, comps)
+    flags = [v.refusal for v in verdicts]
     nh, ns = len(harmful), len(harmless)
     base_h, base_s = _rate(flags[:nh]), _rate(flags[nh:nh + ns])
     plain = torch.stack(logps[:ns])
@@ -111,27 +119,34 @@ def evaluate_candidates(sm, directions: dict[int, torch.Tensor], harmful: list[s
     pos = nh + ns
     for i, l in enumerate(candidates):
         induce = _rate(flags[pos:pos + ns])
+        degenerate = _rate([v.degenerate for v in verdicts[pos:pos + ns]])
         bypass = _rate(flags[pos + ns:pos + ns + nh])
         pos += ns + nh
         ablated = torch.stack(logps[ns * (i + 1):ns * (i + 2)])
         kl = float((plain.exp() * (plain - ablated)).sum(-1).mean())
-        table.append({"layer": l, "induce": induce, "bypass": bypass, "kl": round(kl, 6),
-                      "score": round(induce + (base_h - bypass), 6), "eligible": kl <= kl_bound,
+        table.append({"layer": l, "induce": induce, "degenerate": degenerate, "bypass": bypass, "kl": round(kl, 6),
+                      "score": round(induce + (base_h - bypass), 6),
+                      "eligible": kl <= kl_bound and degenerate <= max_degenerate,
                       "norm": round(float(directions[l].norm()), 6)})
     eligible = [r for r in table if r["eligible"]]
-    pool = eligible or table
-    best = max(pool, key=lambda r: (r["score"], -r["kl"], -r["layer"]))
+    coherent = [r for r in table if r["degenerate"] <= max_degenerate]
+    if eligible or coherent:
+        best = max(eligible or coherent, key=lambda r: (r["score"], -r["degenerate"], -r["kl"], -r["layer"]))
+    else:
+        best = max(table, key=lambda r: (-r["degenerate"], r["score"], -r["kl"], -r["layer"]))
     return {"method": "arditi2024", "candidates": candidates, "kl_bound": kl_bound,
+            "max_degenerate": max_degenerate,
             "refusal_plain": {"harmful": base_h, "harmless": base_s}, "n_eval": {"harmful": nh, "harmless": ns},
             "max_new_tokens": max_new_tokens, "table": table, "chosen": best["layer"],
-            "kl_fallback": not eligible}
+            "kl_fallback": not eligible, "fallback": "coherent" if not eligible and coherent else
+            ("least_degenerate" if not eligible else None)}
 
 
 def choose_alpha(sm, direction: torch.Tensor, layer: int, harmless: list[str], *, judge, grid, target: float = 0.9,
                  max_new_tokens: int = 12, batch_size: int = 32, progress: bool = False,
                  add_scope: str = "all") -> tuple[float, list[dict]]:
-    """Smallest α in ``grid`` whose addition at ``layer`` makes ≥ ``target`` of harmless prompts refused (else
-    the α with the highest rate); all α in one batched pass (per-request α)."""
+    """Smallest α in ``grid`` whose addition at ``layer`` makes ≥ ``target`` of harmless prompts refused
+    coherently (else the α with the highest rate, ties to the smaller α); all α in one batched pass."""
     specs = {"add": (layer, direction, "add", [layer], add_scope)}
     texts = sm.format(harmless)
     rows = [(t, "add", float(a)) for a in grid for t in texts]
@@ -139,7 +154,9 @@ def choose_alpha(sm, direction: torch.Tensor, layer: int, harmless: list[str], *
         comps = run_rows(sm, rows, specs, fn=_generator(sm, max_new_tokens), batch_size=batch_size,
                          progress=bar)
     n = len(texts)
-    sweep = [{"alpha": float(a), "induce": _rate([bool(judge(c)) for c in comps[i * n:(i + 1) * n]])}
+    verdicts = as_judge(judge).verdicts([r[0] for r in rows], comps)
+    sweep = [{"alpha": float(a), "induce": _rate([v.refusal for v in verdicts[i * n:(i + 1) * n]]),
+              "degenerate": _rate([v.degenerate for v in verdicts[i * n:(i + 1) * n]])}
              for i, a in enumerate(grid)]
     hits = [r for r in sweep if r["induce"] >= target]
     pick = hits[0] if hits else max(sweep, key=lambda r: (r["induce"], -r["alpha"]))

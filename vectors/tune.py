@@ -4,12 +4,18 @@ Steering strength is the knob users get wrong: too little does nothing, too much
 α is a per-row tensor, a whole α grid for one layer set is ONE batched generation (see
 :func:`steer.evaluate.evaluate`). The objective (defaults documented in :class:`TuneBounds`):
 
-    maximise  harmful refusal
-    subject to harmless refusal ≤ max_over_refusal   and   KL(unsteered ‖ steered) ≤ max_kl
-    ties →    lower harmless refusal, lower KL, then LARGER |α|: among configurations that are equally good on
+    maximise  harmful refusal (coherent refusals only: see steer.judge)
+    subject to harmless refusal ≤ max_over_refusal, degenerate ≤ max_degenerate, KL(unsteered ‖ steered) ≤ max_kl
+    ties →    lower harmless refusal, fewer degenerate outputs, lower KL, then LARGER |α|: among configurations
+              that are equally good on
               the tuning prompts, the strongest steering that still meets the bounds holds up best under
               attacks the tuning prompts do not contain (prefilling, jailbreak wrappers); for conditional
               steering the bounds are met by the gate, so this picks the middle-to-top of the working range
+
+Layers: every candidate layer the vector has a direction for (the last fifth of the model aside, as in the
+vector's own selection) is swept, one batched generation per layer, unless ``layers`` is given. In
+conditional mode each steered layer gets the condition layer (≤ it) whose direction best separates the tuning
+prompts *on the target model*, recalibrated there.
 
 ``auto=True`` refines α by bracketing: around the best grid point it evaluates points between its grid
 neighbours and repeats, a few rounds (not a blind grid). For ``conditional`` mode the gate's threshold is
@@ -47,13 +53,14 @@ class TuneBounds:
 
     max_over_refusal: float = 0.05
     max_kl: float = 0.5
+    max_degenerate: float = 0.02
     objective: str = "refusal"  # "refusal": max harmful refusal s.t. bounds; "balanced": max (harm − harmless)
 
     def __post_init__(self):
         if self.objective not in ("refusal", "balanced"):
             raise ConfigError("unknown objective", expected="refusal | balanced", found=repr(self.objective),
                               fix="use --objective refusal")
-        for name in ("max_over_refusal", "max_kl"):
+        for name in ("max_over_refusal", "max_kl", "max_degenerate"):
             check_alpha(getattr(self, name), name)
 
 
@@ -65,31 +72,68 @@ class Point:
     harmful_refusal: float
     harmless_refusal: float
     kl: float
+    degenerate: float = 0.0
     metrics: dict = field(default_factory=dict)
 
     def feasible(self, b: TuneBounds) -> bool:
-        return self.harmless_refusal <= b.max_over_refusal and self.kl <= b.max_kl
+        return self.harmless_refusal <= b.max_over_refusal and self.kl <= b.max_kl and \
+            self.degenerate <= b.max_degenerate
 
     def key(self, b: TuneBounds):
         score = self.harmful_refusal if b.objective == "refusal" else self.harmful_refusal - self.harmless_refusal
-        return (self.feasible(b), score, -self.harmless_refusal, -self.kl, abs(self.alpha))
+        return (self.feasible(b), score, -self.harmless_refusal, -self.degenerate, -self.kl, abs(self.alpha))
+
+
+def _key(layer_set) -> tuple | None:
+    return None if layer_set is None else tuple(int(l) for l in layer_set)
 
 
 def _sha(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
-def calibrate_condition(sm, vector: SteeringVector, harmful: list[str], harmless: list[str]) -> dict:
-    """Recompute the condition threshold (and comparator) on ``sm``; returns the new condition dict."""
+def calibrate_condition(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
+                        max_layer: int | None = None) -> tuple[dict, torch.Tensor]:
+    """Recalibrate the condition on ``sm``: among the layers ≤ ``max_layer`` that have a direction (the
+    vector's directions, and its stored condition direction at the stored layer), the one whose unit direction
+    best separates ``harmful`` from ``harmless`` last-token activations on ``sm`` (accuracy, then AUC, then
+    d′), with its threshold and comparator. Returns ``(condition dict, unit direction)``."""
+    _condition_layers(vector)
     cond = vector.condition
-    if not cond or vector.condition_direction is None:
+    dirs = {int(l): d.reshape(-1, d.shape[-1])[0] for l, d in vector.directions.items()}
+    dirs[int(cond["layer"])] = vector.condition_direction
+    limit = max(dirs) if max_layer is None else max_layer
+    layers = sorted(l for l in dirs if l <= limit and l < sm.num_layers)
+    if not layers:
+        raise ConfigError("no condition layer at or before the steered layer", expected=f"a direction at a layer "
+                          f"<= {limit}", found=f"directions at {sorted(dirs)}", fix="steer a later layer")
+    acts = collect(sm, harmful + harmless, layers=layers, positions="last")
+    rows = []
+    for i, l in enumerate(layers):
+        s = score_layer(acts[:len(harmful), i], acts[len(harmful):, i], dirs[l], comparator="auto")
+        rows.append((s["accuracy"], s["auc"], s["dprime"], -l, l, s))
+    *_, layer, s = max(rows)
+    unit = dirs[layer].float() / dirs[layer].float().norm().clamp_min(1e-12)
+    return ({**cond, "layer": layer, **{k: s[k] for k in ("threshold", "comparator", "accuracy", "auc", "dprime")},
+             "n_harmful": len(harmful), "n_harmless": len(harmless),
+             "calibrated_on": getattr(sm, "source", None) or sm.fingerprint()["name_or_path"]}, unit)
+
+
+def _condition_layers(vector: SteeringVector) -> list[int]:
+    if not vector.condition or vector.condition_direction is None:
         raise ConfigError("conditional tuning needs a condition in the vector file", expected="meta condition",
                           found="none", fix="compute the vector with `steer vectors refusal` (it writes one)")
-    acts = collect(sm, harmful + harmless, layers=[int(cond["layer"])], positions="last")[:, 0]
-    s = score_layer(acts[:len(harmful)], acts[len(harmful):], vector.condition_direction, comparator="auto")
-    return {**cond, **{k: s[k] for k in ("threshold", "comparator", "accuracy", "auc", "dprime")},
-            "n_harmful": len(harmful), "n_harmless": len(harmless),
-            "calibrated_on": getattr(sm, "source", None) or sm.fingerprint()["name_or_path"]}
+    return sorted({int(l) for l in vector.layers} | {int(vector.condition["layer"])})
+
+
+def default_layers(sm, vector: SteeringVector) -> list[list[int]]:
+    """The layer sets ``tune`` sweeps by default: each candidate layer the vector has a direction for."""
+    from .selection import candidate_layers
+
+    have = sorted(int(l) for l in vector.layers if int(l) < sm.num_layers)
+    if len(have) <= 1:
+        return [vector.recommended.get("layers") or have[:1]]
+    return [[l] for l in candidate_layers(have, sm.num_layers)]
 
 
 def _points(report: dict, mode: str) -> list[Point]:
@@ -97,7 +141,7 @@ def _points(report: dict, mode: str) -> list[Point]:
     for c in report["configs"]:
         m = c["metrics"]
         out.append(Point(mode, c["layers"], c["alpha"], m["harmful_refusal"].rate, m["harmless_refusal"].rate,
-                         m["kl"].mean, report_to_json(m)))
+                         m["kl"].mean, m["degenerate"].rate, report_to_json(m)))
     return out
 
 
@@ -126,24 +170,29 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
     if vector.kind == "task":  # weights, not a layer's activations: α through the per-request parameter path
         layer_sets, modes = [None], ("per_request",)
     else:
-        layer_sets = layers or [vector.recommended.get("layers") or vector.layers[:1]]
-    work = copy.deepcopy(vector)
-    calibrated = None
-    if "conditional" in modes:
-        calibrated = calibrate_condition(sm, vector, harmful, harmless)
-        work.meta["condition"] = calibrated
+        layer_sets = layers or default_layers(sm, vector)
     eval_kw = dict(suite="files", harmful=harmful, harmless=harmless, judge=judge, max_new_tokens=max_new_tokens,
                    progress=progress)
     points: list[Point] = []
+    works: dict = {}  # (mode, layers) -> the vector evaluated there (conditional: its recalibrated condition)
+
+    def run(mode: str, layer_set, alist: list[float]) -> list[Point]:
+        rep = evaluate(sm, vector=works[mode, _key(layer_set)], alphas=alist, layer_sets=[layer_set],
+                       mode=None if mode == "per_request" else mode, **eval_kw)
+        return _points(rep, mode)
+
     for mode in modes:
         grid = [check_alpha(a) for a in (alphas if alphas is not None else DEFAULT_ALPHAS[mode])]
-        usable = [s for s in layer_sets if mode != "conditional" or min(s) >= int(work.condition["layer"])]
-        if not usable:
-            continue
-        run_mode = None if mode == "per_request" else mode
-        rep = evaluate(sm, vector=work, alphas=grid, layer_sets=usable, mode=run_mode, **eval_kw)
-        points += _points(rep, mode)
-        if auto:
+        for layer_set in layer_sets:
+            work = copy.deepcopy(vector)
+            if mode == "conditional":
+                if not any(l <= min(layer_set) for l in _condition_layers(vector)):
+                    continue  # no direction to read a gate at before this layer's steering
+                work.meta["condition"], work.condition_direction = calibrate_condition(
+                    sm, vector, harmful, harmless, max_layer=int(min(layer_set)))
+            works[mode, _key(layer_set)] = work
+            points += run(mode, layer_set, grid)
+        if auto and any(p.mode == mode for p in points):
             for _ in range(rounds):
                 best = max((p for p in points if p.mode == mode), key=lambda p: p.key(bounds))
                 seen = sorted({p.alpha for p in points if p.mode == mode and p.layers == best.layers})
@@ -155,12 +204,13 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
                 new = [round(x, 4) for x in torch.linspace(lo, hi, 5).tolist()[1:-1] if round(x, 4) not in seen]
                 if not new:
                     break
-                rep = evaluate(sm, vector=work, alphas=new, layer_sets=[best.layers], mode=run_mode, **eval_kw)
-                points += _points(rep, mode)
+                points += run(mode, best.layers, new)
     if not points:
         raise ConfigError("nothing to tune", expected="layers at or after the condition layer for conditional mode",
                           found=str(layer_sets), fix="pass --layers that are >= the condition layer")
     best = max(points, key=lambda p: p.key(bounds))
+    work = works[best.mode, _key(best.layers)]
+    calibrated = work.condition if best.mode == "conditional" else None
     summary = {
         "best": asdict(best), "feasible": best.feasible(bounds), "bounds": asdict(bounds),
         "n_configs": len(points), "front": [asdict(p) for p in pareto(points)],
