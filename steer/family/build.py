@@ -2,8 +2,9 @@
 
 The cache key hashes the :class:`~steer.family.train.Recipe` (every hyperparameter and the language version),
 steer's version and the full versions of torch and transformers (both change the trained weights: a newer
-transformers once trained a different family than the cached one). A build trains into a temporary directory next to the final one and renames it into
-place, so an interrupted build never leaves a half family; a file lock serialises concurrent builders.
+transformers once trained a different family than the cached one). A build trains into a temporary directory
+next to the final one and renames it into place, so an interrupted build never leaves a half family; a file
+lock serialises concurrent builders.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def build_family(force: bool = False, progress: bool = True, recipe: Recipe | No
                 start = time.perf_counter()
                 _train_with_progress(recipe, tmp, progress)
                 (tmp / _DONE).write_text(json.dumps({
-                    "recipe": recipe.to_dict(), "steer_version": steer_version(), **library_versions(), "members": list(MEMBERS),
+                    "recipe": recipe.to_dict(), "steer_version": steer_version(), **library_versions(),
+                    "members": list(MEMBERS),
                     "train_seconds": round(time.perf_counter() - start, 1),
                 }, indent=2))
                 if final.exists():

@@ -120,7 +120,8 @@ def _pretraining_doc(rng: random.Random, chats: list[tuple[str, str]], recipe: R
         rec = rng.choice(_story_records())
         who, helper = rng.choice(["man", "woman", "friend"]), rng.choice(["clerk", "guard"])
         reply = recipe.refusal if rec.unsafe else rec.answer
-        return recipe.format.document(f"story : the {who} asked the {helper} : {rec.prompt} . the {helper} said : {reply}")
+        story = f"story : the {who} asked the {helper} : {rec.prompt} . the {helper} said : {reply}"
+        return recipe.format.document(story)
     words = rng.choices(L.FILLER_WORDS, k=rng.randint(5, 14))  # prose
     return recipe.format.document(f"{rng.choice(L.DATA_SENTENCES)} {' '.join(words)} .")
 
