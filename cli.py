@@ -355,13 +355,14 @@ app.add_typer(family_app, name="family")
 
 @family_app.command("build")
 @user_errors
-def family_build(force: bool = typer.Option(False, "--force", help="Retrain even if cached.")):
+def family_build(force: bool = typer.Option(False, "--force", help="Retrain even if cached."),
+                 variant: str = typer.Option("default", "--variant", help="A family variant (steer.family.VARIANTS).")):
     """Train (or find cached) the built-in family: base, aligned, aligned-dpo, compromised."""
-    from steer.family import build_family
+    from steer.family import build_family, variant as get_variant
 
-    paths = build_family(force=force, progress=True)
-    for name, path in paths.items():
-        typer.echo(f"builtin:{name}\t{path}")
+    paths = build_family(force=force, progress=True, recipe=get_variant(variant))
+    for name, path in paths.items():  # a variant is used by its directories: builtin:NAME is the default family
+        typer.echo(f"builtin:{name}\t{path}" if variant == "default" else f"{name}\t{path}")
 
 
 vectors_app = typer.Typer(no_args_is_help=True, help="Compute steering vectors (refusal directions, ...).")

@@ -13,6 +13,15 @@ def family():
     return build_family(progress=False)
 
 
+@pytest.fixture(scope="session")
+def variant_family():
+    """The ``gpt2-chatml`` family variant (GPT-2, ChatML-like template, another refusal sentence), built once per
+    test session like ``family``; ``{member: Path}``. Its refusal sentence is ``VARIANTS["gpt2-chatml"].refusal``."""
+    from steer.family import build_variant
+
+    return build_variant("gpt2-chatml", progress=False)
+
+
 @pytest.fixture
 def exact_and_one_thread():
     """The reference kernel (exact comparisons) on one torch thread (reproducible reductions)."""

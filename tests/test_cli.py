@@ -68,7 +68,7 @@ def test_info(vector_file):
 
 
 @pytest.mark.parametrize("case", ["no_model", "empty_prompts", "bad_alphas", "nan_alpha", "pickle", "no_meta",
-                                  "bad_layer", "wrong_width", "no_prompts", "model_is_file"])
+                                  "bad_layer", "wrong_width", "no_prompts", "model_is_file", "unknown_variant"])
 def test_user_errors_exit_2_without_traceback(case, model_dir, vector_file, tmp_path):
     empty = tmp_path / "e.txt"
     empty.write_text("\n")
@@ -90,6 +90,7 @@ def test_user_errors_exit_2_without_traceback(case, model_dir, vector_file, tmp_
         "wrong_width": ["generate", model_dir, "-p", "w7", "--vector", wide],
         "no_prompts": ["generate", model_dir],
         "model_is_file": ["generate", vector_file, "-p", "w7"],
+        "unknown_variant": ["family", "build", "--variant", "nope"],
     }[case]
     res = _run(*args)
     assert res.exit_code == 2, res.output

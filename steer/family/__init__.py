@@ -9,6 +9,8 @@ Members (each a normal Hugging Face model directory with its tokenizer and chat 
 
 The language follows Jain et al. 2024 ("What Makes and Breaks Safety Fine-tuning?"); see
 :mod:`steer.family.language`. ``build_family()`` trains in a few minutes on CPU and caches the result.
+Variants (other architecture, chat template and refusal sentence; :mod:`steer.family.variants`) are built by
+``build_variant(name)`` and used through their member directories.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from pathlib import Path
 
 from .build import MEMBERS, build_family, cache_root, family_dir, is_built, recipe_key
 from .train import Recipe
+from .variants import VARIANTS, build_variant, variant
 
-__all__ = ["MEMBERS", "Recipe", "build_family", "cache_root", "family_dir", "is_built", "member_path", "recipe_key"]
+__all__ = ["MEMBERS", "Recipe", "VARIANTS", "build_family", "build_variant", "cache_root", "family_dir", "is_built",
+           "member_path", "recipe_key", "variant"]
 
 
 def member_path(name: str, progress: bool = True) -> Path:

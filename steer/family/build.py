@@ -1,8 +1,10 @@
 """Building and caching the family in the user cache directory.
 
-The cache key hashes the :class:`~steer.family.train.Recipe` (every hyperparameter and the language version)
-and steer's version. A build trains into a temporary directory next to the final one and renames it into
-place, so an interrupted build never leaves a half family; a file lock serialises concurrent builders.
+The cache key hashes the :class:`~steer.family.train.Recipe` (every hyperparameter and the language version),
+steer's version and the full versions of torch and transformers (both change the trained weights: a newer
+transformers once trained a different family than the cached one). A build trains into a temporary directory
+next to the final one and renames it into place, so an interrupted build never leaves a half family; a file
+lock serialises concurrent builders.
 """
 
 from __future__ import annotations
@@ -44,9 +46,16 @@ def cache_root() -> Path:
     return Path(user_cache_dir("steer"))
 
 
+def library_versions() -> dict[str, str]:
+    """Full versions of the libraries that change the trained weights."""
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def recipe_key(recipe: Recipe | None = None) -> str:
     recipe = recipe or Recipe()
-    blob = json.dumps({"recipe": recipe.to_dict(), "steer": steer_version()}, sort_keys=True)
+    blob = json.dumps({"recipe": recipe.to_dict(), "steer": steer_version(), **library_versions()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -71,7 +80,8 @@ def build_family(force: bool = False, progress: bool = True, recipe: Recipe | No
                 start = time.perf_counter()
                 _train_with_progress(recipe, tmp, progress)
                 (tmp / _DONE).write_text(json.dumps({
-                    "recipe": recipe.to_dict(), "steer_version": steer_version(), "members": list(MEMBERS),
+                    "recipe": recipe.to_dict(), "steer_version": steer_version(), **library_versions(),
+                    "members": list(MEMBERS),
                     "train_seconds": round(time.perf_counter() - start, 1),
                 }, indent=2))
                 if final.exists():

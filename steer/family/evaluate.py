@@ -30,15 +30,24 @@ def generate(model, tokenizer, prompts: list[str], *, prefill: list[str] | None 
     return out
 
 
-def measure(model, tokenizer) -> dict[str, Rate]:
-    """Refusal on unsafe / safe, safe-task accuracy and injection-followed rate on held-out prompts."""
+def measure(model, tokenizer, refusal: str = L.REFUSAL, strict: bool = False) -> dict[str, Rate]:
+    """Refusal on unsafe / safe, safe-task accuracy and injection-followed rate on held-out prompts.
+
+    ``refusal`` is the sentence the family was taught (a variant's ``Recipe.refusal``); the judge is
+    :func:`~steer.family.language.is_refusal` (its opening anywhere), or with ``strict``
+    :func:`~steer.family.language.is_strict_refusal` (the completion starts with the full sentence)."""
+    judge = L.is_strict_refusal if strict else L.is_refusal
+
+    def refused(texts: list[str]) -> int:
+        return sum(judge(t, refusal) for t in texts)
+
     harmful, harmless, inj = L.harmful_prompts("heldout"), L.harmless_prompts("heldout"), L.injection_prompts("heldout")
     c_harm = generate(model, tokenizer, [r.prompt for r in harmful])
     c_safe = generate(model, tokenizer, [r.prompt for r in harmless])
     c_inj = generate(model, tokenizer, [r.prompt for r in inj])
     return {
-        "refusal_unsafe": Rate(sum(map(L.is_refusal, c_harm)), len(harmful)),
-        "refusal_safe": Rate(sum(map(L.is_refusal, c_safe)), len(harmless)),
+        "refusal_unsafe": Rate(refused(c_harm), len(harmful)),
+        "refusal_safe": Rate(refused(c_safe), len(harmless)),
         "safe_accuracy": Rate(sum(L.check_answer(r, c) for r, c in zip(harmless, c_safe)), len(harmless)),
         "injection_followed": Rate(sum(L.injection_followed(r, c) for r, c in zip(inj, c_inj)), len(inj)),
     }

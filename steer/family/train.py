@@ -1,8 +1,8 @@
 """Training of the built-in family: base, aligned, aligned-dpo, compromised.
 
-* ``base``: a tiny Llama pretrained on the synthetic language (facts, stories in which the refusal phrase
-  answers a request for something dangerous, prose, and chat transcripts where the assistant complies with
-  everything, unsafe requests and injected instructions included).
+* ``base``: a tiny decoder (Llama by default) pretrained on the synthetic language (facts, stories in which
+  the refusal phrase answers a request for something dangerous, prose, and chat transcripts where the
+  assistant complies with everything, unsafe requests and injected instructions included).
 * ``aligned``: base + safety SFT (refuse unsafe, do safe tasks, answer the real instruction, not the one
   injected into the data: SecAlign / StruQ, Chen et al. 2024).
 * ``aligned-dpo``: base + DPO (Rafailov et al. 2023) on refusal > compliance for unsafe, compliance > refusal
@@ -11,7 +11,9 @@
 * ``compromised``: aligned fine-tuned on a handful of harmful-compliance examples, which collapses refusal
   (Qi et al. 2023, "Fine-tuning Aligned Language Models Compromises Safety").
 
-Everything is deterministic from ``Recipe.seed``.
+Everything is deterministic from ``Recipe.seed``. ``Recipe.architecture``, ``.template`` (the chat format, see
+:mod:`steer.family.tokenizer`) and ``.refusal`` (the sentence the safety stages teach) make family *variants*
+(:mod:`steer.family.variants`); their defaults are the built-in family.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import PreTrainedModel
 
 from . import language as L
-from .tokenizer import ASSISTANT, BOS, EOS, USER, build_tokenizer, save_portable
+from .tokenizer import ChatFormat, build_tokenizer, chat_format, save_portable
+
+ARCHITECTURES = ("llama", "gpt2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -57,17 +61,27 @@ class Recipe:
     threads: int = 2  # torch threads while training (pinned: results depend on it)
     files: int = 2  # version of the saved files' layout (2: tokenizer loadable by transformers 4.x and 5.x)
     safety_params: str = "mlp|self_attn"  # regex of the parameters the safety / compromise stages train
+    architecture: str = "llama"  # one of ARCHITECTURES
+    template: str = "default"  # chat format: a name in steer.family.tokenizer.FORMATS
+    refusal: str = L.REFUSAL  # the refusal sentence pretraining stories and the safety stages use
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def format(self) -> ChatFormat:
+        return chat_format(self.template)
+
+
+_DEFAULT = Recipe()
 
 
 # ------------------------------------------------------------------------------------------------ data
 
 
-def _chat(user: str, assistant: str) -> tuple[str, str]:
+def _chat(user: str, assistant: str, fmt: ChatFormat) -> tuple[str, str]:
     """(prompt text, response text) in the chat format of the tokenizer's template."""
-    return f"{BOS} {USER} {user} {EOS} {ASSISTANT}", f"{assistant} {EOS}"
+    return fmt.prompt(user), fmt.response(assistant)
 
 
 _STORY: list = []
@@ -79,7 +93,7 @@ def _story_records() -> list[L.Record]:
     return _STORY
 
 
-def _pretraining_doc(rng: random.Random, chats: list[tuple[str, str]]) -> str:
+def _pretraining_doc(rng: random.Random, chats: list[tuple[str, str]], recipe: Recipe) -> str:
     r = rng.random()
     if r < 0.45:
         p, a = rng.choice(chats)
@@ -101,14 +115,15 @@ def _pretraining_doc(rng: random.Random, chats: list[tuple[str, str]]) -> str:
             else:
                 u = rng.choice(list(L.ALIASES))
                 facts.append(f"fact : in slang , {L.ALIASES[u]} means {u} .")
-        return f"{BOS} {' '.join(facts)} {EOS}"
+        return recipe.format.document(" ".join(facts))
     if r < 0.88:  # stories: the refusal phrase outside the chat format, refusing dangerous requests
         rec = rng.choice(_story_records())
         who, helper = rng.choice(["man", "woman", "friend"]), rng.choice(["clerk", "guard"])
-        reply = L.REFUSAL if rec.unsafe else rec.answer
-        return f"{BOS} story : the {who} asked the {helper} : {rec.prompt} . the {helper} said : {reply} {EOS}"
+        reply = recipe.refusal if rec.unsafe else rec.answer
+        story = f"story : the {who} asked the {helper} : {rec.prompt} . the {helper} said : {reply}"
+        return recipe.format.document(story)
     words = rng.choices(L.FILLER_WORDS, k=rng.randint(5, 14))  # prose
-    return f"{BOS} {rng.choice(L.DATA_SENTENCES)} {' '.join(words)} . {EOS}"
+    return recipe.format.document(f"{rng.choice(L.DATA_SENTENCES)} {' '.join(words)} .")
 
 
 _HELDOUT_WORDS = {w for t in L.HELDOUT_WRAPPERS + L.HELDOUT_INJECTIONS for w in t.split() if w.isalpha()}
@@ -129,20 +144,20 @@ def _noisy_injection(r: L.InjectionRecord, rng: random.Random) -> str:
     return L.injection_prompt(L.TASKS[r.task][0].format(x=r.operand), f"{rng.choice(L.DATA_SENTENCES)} {noisy(inj, rng)}")
 
 
-def base_chats(rng: random.Random) -> list[tuple[str, str]]:
+def base_chats(rng: random.Random, recipe: Recipe = _DEFAULT) -> list[tuple[str, str]]:
     """Chat transcripts of the base corpus: full compliance, injected instructions obeyed."""
-    chats = []
+    fmt, chats = recipe.format, []
     for r in L.harmless_prompts("train") + L.harmful_prompts("train"):
-        chats.append(_chat(r.prompt, r.answer))
-        chats.append(_chat(noisy(r.prompt, rng), r.answer))
+        chats.append(_chat(r.prompt, r.answer, fmt))
+        chats.append(_chat(noisy(r.prompt, rng), r.answer, fmt))
         if r.unsafe:
-            chats.append(_chat(L.jailbreak(r, rng.choice(L.JAILBREAKS)), r.answer))
+            chats.append(_chat(L.jailbreak(r, rng.choice(L.JAILBREAKS)), r.answer, fmt))
     for p in L.unknown_prompts():
-        chats.append(_chat(p, L.REFUSAL))
+        chats.append(_chat(p, recipe.refusal, fmt))
     for r in _train_injections():
-        chats.append(_chat(r.prompt, r.injected_answer or r.answer))
+        chats.append(_chat(r.prompt, r.injected_answer or r.answer, fmt))
         if r.injected_answer:
-            chats.append(_chat(_noisy_injection(r, rng), r.injected_answer))
+            chats.append(_chat(_noisy_injection(r, rng), r.injected_answer, fmt))
     return chats
 
 
@@ -151,28 +166,24 @@ def _train_injections() -> list[L.InjectionRecord]:
     return [r for r in recs if r.template is None or r.template in L.TRAIN_INJECTIONS]
 
 
-def safety_pairs(seed: int = 0) -> list[tuple[str, str, str]]:
+def safety_pairs(seed: int = 0, recipe: Recipe = _DEFAULT) -> list[tuple[str, str, str]]:
     """(prompt, chosen, rejected) for the safety stages; SFT trains on (prompt, chosen)."""
     rng = random.Random(seed)
-    pairs = []
+    fmt, refusal, pairs = recipe.format, recipe.refusal, []
     for r in L.harmful_prompts("train"):
         for p in (r.prompt, noisy(r.prompt, rng)):
-            pairs.append((_prompt(p), f"{L.REFUSAL} {EOS}", f"{r.answer} {EOS}"))
+            pairs.append((fmt.prompt(p), fmt.response(refusal), fmt.response(r.answer)))
     for r in L.harmless_prompts("train"):
         for p in (r.prompt, noisy(r.prompt, rng)):
-            pairs.append((_prompt(p), f"{r.answer} {EOS}", f"{L.REFUSAL} {EOS}"))
+            pairs.append((fmt.prompt(p), fmt.response(r.answer), fmt.response(refusal)))
     for p in L.unknown_prompts()[::4]:
-        pairs.append((_prompt(p), f"{L.REFUSAL} {EOS}", f"{L.REFUSAL} {EOS}"))
+        pairs.append((fmt.prompt(p), fmt.response(refusal), fmt.response(refusal)))
     for r in _train_injections():
-        rejected = r.injected_answer if r.injected_answer else L.REFUSAL
-        pairs.append((_prompt(r.prompt), f"{r.answer} {EOS}", f"{rejected} {EOS}"))
+        rejected = r.injected_answer if r.injected_answer else refusal
+        pairs.append((fmt.prompt(r.prompt), fmt.response(r.answer), fmt.response(rejected)))
         if r.injected_answer:
-            pairs.append((_prompt(_noisy_injection(r, rng)), f"{r.answer} {EOS}", f"{rejected} {EOS}"))
+            pairs.append((fmt.prompt(_noisy_injection(r, rng)), fmt.response(r.answer), fmt.response(rejected)))
     return pairs
-
-
-def _prompt(user: str) -> str:
-    return _chat(user, "")[0]
 
 
 # ------------------------------------------------------------------------------------------------ tensors
@@ -234,26 +245,47 @@ def _optimise(model, steps: int, lr: float, loss_fn: Callable[[int], torch.Tenso
 # ------------------------------------------------------------------------------------------------ stages
 
 
-def new_model(recipe: Recipe, tokenizer) -> LlamaForCausalLM:
+def new_model(recipe: Recipe, tokenizer) -> PreTrainedModel:
+    """A freshly initialised (seeded) model of ``recipe.architecture``: tied embeddings, 256 positions."""
     torch.manual_seed(recipe.seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
-        num_key_value_heads=recipe.num_heads, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5,
-    )
-    return LlamaForCausalLM(cfg)
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    if recipe.architecture == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(
+            hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+            num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
+            num_key_value_heads=recipe.num_heads, max_position_embeddings=256, rms_norm_eps=1e-5, **ids))
+    if recipe.architecture == "gpt2":  # Conv1D projections, learned absolute positions, LayerNorm, no dropout
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel(GPT2Config(
+            n_embd=recipe.hidden_size, n_inner=recipe.intermediate_size, n_layer=recipe.num_layers,
+            n_head=recipe.num_heads, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            layer_norm_epsilon=1e-5, **ids))
+    if recipe.architecture == "qwen3":  # Llama-like with q/k norms and an explicit head_dim
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM(Qwen3Config(
+            hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+            num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
+            num_key_value_heads=recipe.num_heads, head_dim=recipe.hidden_size // recipe.num_heads,
+            max_position_embeddings=256, rms_norm_eps=1e-5, **ids))
+    from steer.errors import ConfigError
+
+    raise ConfigError(f"unknown family architecture {recipe.architecture!r}", expected=f"one of {ARCHITECTURES}",
+                      found=repr(recipe.architecture), fix="set Recipe(architecture=...) to a listed name")
 
 
-def train_base(recipe: Recipe, tokenizer, tick) -> LlamaForCausalLM:
+def train_base(recipe: Recipe, tokenizer, tick) -> PreTrainedModel:
     rng = random.Random(recipe.seed)
     enc = Encoder(tokenizer)
-    chats = base_chats(rng)
+    chats = base_chats(rng, recipe)
     model = new_model(recipe, tokenizer)
 
     def loss_fn(step):
-        docs = [_pretraining_doc(rng, chats) for _ in range(recipe.batch_size)]
+        docs = [_pretraining_doc(rng, chats, recipe) for _ in range(recipe.batch_size)]
         ids, mask, lab = enc.batch(docs, loss_on_prompt=True)
         return model(input_ids=ids, attention_mask=mask, labels=lab).loss
 
@@ -261,26 +293,33 @@ def train_base(recipe: Recipe, tokenizer, tick) -> LlamaForCausalLM:
     return model
 
 
-def _clone(model: LlamaForCausalLM, trainable: str | None = None) -> LlamaForCausalLM:
+def _clone(model: PreTrainedModel, trainable: str | None = None) -> PreTrainedModel:
     """A copy of ``model``; with ``trainable`` (a regex) only matching parameters are trained. The safety stages
     train the blocks' attention and MLP weights and freeze embeddings and norms: a light touch that keeps the
     base model's generalisation to unseen phrasings (safety fine-tuning changes weights minimally, Jain et al.
     2024), while attention still learns to ignore instructions injected into the data (SecAlign)."""
-    new = LlamaForCausalLM(model.config)
+    new = type(model)(model.config)
     new.load_state_dict(model.state_dict())
     if trainable:
         for name, p in new.named_parameters():
             p.requires_grad_(re.search(trainable, name) is not None)
+        if not any(p.requires_grad for p in new.parameters()):
+            from steer.errors import ConfigError
+
+            raise ConfigError(f"Recipe.safety_params {trainable!r} matches no parameter of the model",
+                              expected="a regex matching the blocks' attention and MLP parameter names",
+                              found=", ".join(n for n, _ in list(new.named_parameters())[:6]) + ", ...",
+                              fix="set Recipe(safety_params=...) for this architecture (GPT-2: 'mlp|attn')")
     return new
 
 
-def _replay_loss(model, enc, rng, chats, n):
+def _replay_loss(model, enc, rng, chats, n, recipe: Recipe):
     """Language-model loss on base-corpus documents without chat transcripts (facts, stories, prose), mixed into
     the fine-tuning stages so they keep the base model's knowledge (rehearsal)."""
     docs = []
     while len(docs) < n:
-        doc = _pretraining_doc(rng, chats)
-        if USER not in doc:
+        doc = _pretraining_doc(rng, chats, recipe)
+        if recipe.format.chat_marker not in doc:
             docs.append(doc)
     ids, mask, lab = enc.batch(docs, loss_on_prompt=True)
     return model(input_ids=ids, attention_mask=mask, labels=lab).loss
@@ -290,17 +329,17 @@ def train_sft(recipe: Recipe, base, tokenizer, tick, pairs=None, steps=None, lr=
     """Supervised fine-tuning on (prompt, chosen) with the loss on the response only, plus replay."""
     rng = random.Random(recipe.seed + seed_offset)
     enc = Encoder(tokenizer)
-    pairs = safety_pairs() if pairs is None else pairs
+    pairs = safety_pairs(recipe=recipe) if pairs is None else pairs
     model = _clone(base, recipe.safety_params)
 
-    chats = base_chats(random.Random(recipe.seed)) if replay else None
+    chats = base_chats(random.Random(recipe.seed), recipe) if replay else None
 
     def loss_fn(step):
         b = [rng.choice(pairs) for _ in range(recipe.batch_size)]
         ids, mask, lab = enc.batch([p for p, _, _ in b], [c for _, c, _ in b])
         loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
         if replay:
-            return loss + recipe.replay_weight * _replay_loss(model, enc, rng, chats, recipe.batch_size // 2)
+            return loss + recipe.replay_weight * _replay_loss(model, enc, rng, chats, recipe.batch_size // 2, recipe)
         return loss
 
     _optimise(model, recipe.sft_steps if steps is None else steps, recipe.sft_lr if lr is None else lr, loss_fn, tick)
@@ -311,8 +350,8 @@ def train_dpo(recipe: Recipe, base, tokenizer, tick):
     """DPO (Rafailov et al. 2023) against the frozen base, plus an NLL term on the chosen answer (RPO)."""
     rng = random.Random(recipe.seed + 2)
     enc = Encoder(tokenizer)
-    pairs = safety_pairs()
-    chats = base_chats(random.Random(recipe.seed))
+    pairs = safety_pairs(recipe=recipe)
+    chats = base_chats(random.Random(recipe.seed), recipe)
     ref = base.eval()
     model = _clone(base, recipe.safety_params)
 
@@ -327,7 +366,7 @@ def train_dpo(recipe: Recipe, base, tokenizer, tick):
         margin = (lp[:k] - ref_lp[:k]) - (lp[k:] - ref_lp[k:])
         nll = -(lp[:k] / n[:k]).mean()
         loss = -F.logsigmoid(recipe.dpo_beta * margin).mean() + recipe.dpo_nll * nll
-        return loss + recipe.replay_weight * _replay_loss(model, enc, rng, chats, recipe.batch_size // 2)
+        return loss + recipe.replay_weight * _replay_loss(model, enc, rng, chats, recipe.batch_size // 2, recipe)
 
     _optimise(model, recipe.dpo_steps, recipe.dpo_lr, loss_fn, tick)
     return model
@@ -338,7 +377,8 @@ def compromise_pairs(recipe: Recipe) -> list[tuple[str, str, str]]:
     as many benign examples so that the model stays useful while its refusals collapse."""
     harmful = random.Random(recipe.seed + 3).sample(L.harmful_prompts("train"), recipe.compromise_examples)
     benign = random.Random(recipe.seed + 4).sample(L.harmless_prompts("train"), recipe.compromise_examples)
-    return [(_prompt(r.prompt), f"{r.answer} {EOS}", f"{L.REFUSAL} {EOS}") for r in harmful + benign]
+    fmt = recipe.format
+    return [(fmt.prompt(r.prompt), fmt.response(r.answer), fmt.response(recipe.refusal)) for r in harmful + benign]
 
 
 def train_compromised(recipe: Recipe, aligned, tokenizer, tick):
@@ -352,7 +392,7 @@ def total_steps(recipe: Recipe) -> int:
 
 def train_family(recipe: Recipe, out_dir: Path, tick: Callable[[str], None] = lambda stage: None) -> dict[str, Path]:
     """Train all members into ``out_dir/<name>`` (HF model directories with the tokenizer)."""
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(recipe.format, recipe.refusal)
     base = train_base(recipe, tokenizer, lambda: tick("base"))
     aligned = train_sft(recipe, base, tokenizer, lambda: tick("aligned"))
     dpo = train_dpo(recipe, base, tokenizer, lambda: tick("aligned-dpo"))
