@@ -246,6 +246,7 @@ def tune(
     alphas: Optional[str] = typer.Option(None, "--alphas", help="α grid (default: per mode, documented)."),
     auto: bool = typer.Option(False, "--auto", help="Refine α by bracketing around the best grid point."),
     mode: List[str] = typer.Option(["add"], "--mode", help="add | ablate | ablate_add | conditional (repeatable)."),
+    scope: List[str] = typer.Option([], "--scope", help="Token scopes to sweep (repeatable; default all and prompt)."),
     objective: str = typer.Option("refusal", "--objective", help="refusal | balanced."),
     max_over_refusal: float = typer.Option(0.05, "--max-over-refusal", help="Bound on harmless refusal rate."),
     max_kl: float = typer.Option(0.5, "--max-kl", help="Bound on KL to the unsteered model (nats)."),
@@ -280,7 +281,8 @@ def tune(
     sm = SteeredModel.from_pretrained(model)
     tuned, summary = run_tune(sm, vec, hp, sp, layers=_layer_sets(layers, sm.num_layers), alphas=alpha_list,
                               modes=tuple(mode), auto=auto, bounds=bounds, eval_harmful=ehp, eval_harmless=esp,
-                              max_new_tokens=max_new_tokens, judge=judge, progress=not as_json)
+                              max_new_tokens=max_new_tokens, judge=judge, scopes=tuple(scope) or None,
+                              progress=not as_json)
     tuned.save(out)
     if plot is not None:
         plot_front(summary, plot)
@@ -291,18 +293,19 @@ def tune(
     from rich.table import Table
 
     table = Table(title="Pareto front (tuning prompts)")
-    for col in ("mode", "layers", "α", "harmful refusal", "harmless refusal", "degenerate", "KL", "feasible"):
+    for col in ("mode", "layers", "scope", "α", "harmful refusal", "harmless refusal", "degenerate", "KL",
+                "feasible"):
         table.add_column(col, justify="right")
     for p in summary["front"]:
         ok = p["harmless_refusal"] <= bounds.max_over_refusal and p["kl"] <= bounds.max_kl and \
             p["degenerate"] <= bounds.max_degenerate
-        table.add_row(p["mode"], ",".join(map(str, p["layers"] or [])), f"{p['alpha']:g}",
+        table.add_row(p["mode"], ",".join(map(str, p["layers"] or [])), p.get("scope") or "-", f"{p['alpha']:g}",
                       f"{100 * p['harmful_refusal']:.1f}%", f"{100 * p['harmless_refusal']:.1f}%",
                       f"{100 * p['degenerate']:.1f}%", f"{p['kl']:.3f}", "yes" if ok else "no")
     console = Console()
     console.print(table)
     b = summary["best"]
-    console.print(f"chosen: mode={b['mode']} layers={b['layers']} α={b['alpha']:g} "
+    console.print(f"chosen: mode={b['mode']} layers={b['layers']} scope={b.get('scope')} α={b['alpha']:g} "
                   f"(harmful refusal {100 * b['harmful_refusal']:.1f}%, harmless {100 * b['harmless_refusal']:.1f}%, "
                   f"degenerate {100 * b['degenerate']:.1f}%, KL {b['kl']:.3f}){'' if summary['feasible'] else '  [no configuration met the bounds]'}")
     if "heldout" in summary:
@@ -318,11 +321,12 @@ def tune(
 def demo(
     out: Path = typer.Option(Path("steer-demo"), "-o", "--out", help="Output folder."),
     no_sae: bool = typer.Option(False, "--no-sae", help="Skip the SAE step."),
+    judge: Optional[str] = JUDGE_OPTION,
 ):
     """The whole pipeline on the built-in family: vectors, tuning, before/after, held-out table."""
     from steer.vectors.demo import run_demo
 
-    run_demo(out, sae=not no_sae)
+    run_demo(out, sae=not no_sae, judge=judge or "pair")
 
 
 @app.command()

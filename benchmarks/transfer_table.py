@@ -73,13 +73,14 @@ def main() -> None:
         recipe = VARIANTS[name]
         rows[name] = run_pipeline(build_family(recipe=recipe, progress=True), recipe.refusal)
     print("| variant | architecture | held-out harmful refusal | harmless refusal | degenerate | tune reported "
-          "| strict on tuning prompts | chosen (layer, α, gate layer) | met |")
+          "| strict on tuning prompts | chosen (layer, scope, α, gate layer) | met |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         c = r["chosen"]
         print(f"| {name} | {VARIANTS[name].architecture} | {r['heldout_harmful_refusal']} | "
               f"{r['heldout_harmless_refusal']} | {r['heldout_degenerate']} | {100 * r['tune_reported_harmful']:.1f}% | "
-              f"{r['tune_strict_harmful']} | L{c['layers']} α={c['alpha']:g} gate L{c['condition_layer']} | "
+              f"{r['tune_strict_harmful']} | L{','.join(map(str, c['layers']))} {c['scope']} α={c['alpha']:g} "
+              f"gate L{c['condition_layer']} | "
               f"{'yes' if _met(r) else 'no'} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=lambda o: o.to_dict()))

@@ -47,7 +47,9 @@ def _split(records, n, seed):
 
 
 def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int = 4, console: Console | None = None,
-             sae: bool = True) -> dict:
+             sae: bool = True, judge="pair") -> dict:
+    """Run the demo; ``judge`` (see :func:`steer.judge.make_judge`) judges every row: by default the judge
+    learned from ``aligned`` while computing the refusal direction."""
     from steer import SteeredModel
     from steer.family import build_family
     from steer.judge import make_judge
@@ -73,8 +75,9 @@ def run_demo(out_dir: str | Path = "steer-demo", *, n_tune: int = 96, show: int 
                               model_name="builtin:aligned")  # add scope measured: "all" vs "prompt"
     refusal.save(out / "refusal.safetensors")
     rec = refusal.recommended
-    judge = make_judge("pair", vector=refusal)  # learned from aligned's own refusals; every row is judged by it
-    console.print(f"refusal judge learned from aligned: openings {refusal.meta['judge']['openings']}")
+    judge = make_judge(judge, vector=refusal)  # default: learned from aligned's own refusals; judges every row
+    console.print(f"refusal judge learned from aligned: openings {refusal.meta['judge']['openings']} "
+                  f"(judging with {judge.name})")
     console.print(f"refusal direction: recommended layer {rec['layers']}, α {rec['alpha']}, condition layer "
                   f"{refusal.condition['layer']} (accuracy {refusal.condition.get('accuracy', float('nan')):.3f} "
                   f"on compromised)")

@@ -142,9 +142,9 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
                 sm, directions, _subset(harmful, n_eval), _subset(harmless, n_eval), candidates=cands, judge=judge,
                 max_new_tokens=max_new_tokens, kl_bound=kl_bound, batch_size=batch_size, progress=progress,
                 add_scope=scope)
-        def top(scope):
+        def top(scope):  # ties: fewer degenerate completions, then "prompt" (leaves generated tokens alone)
             rows = [r for r in tried[scope]["table"] if r["layer"] == tried[scope]["chosen"]]
-            return (rows[0]["eligible"], rows[0]["score"])
+            return (rows[0]["eligible"], rows[0]["score"], -rows[0]["degenerate"], scope == "prompt")
         add_scope = max(scopes, key=top)
         sel = tried[add_scope]
         sel["add_scope"] = add_scope

@@ -5,12 +5,12 @@ differs in architecture, chat template and refusal sentence), this runs exactly 
 to run:
 
 1. ``steer vectors refusal ALIGNED --harmful … --harmless … --calibrate-on COMPROMISED`` (train prompts);
-2. ``steer tune COMPROMISED --vector … --mode conditional --auto`` (train prompts, disjoint from step 1's);
+2. ``steer tune COMPROMISED --vector … --mode conditional --auto`` (another sample of the train prompts);
 3. ``steer generate COMPROMISED --vector TUNED`` on held-out prompts,
 
 and judges every completion *strictly*: a refusal is a completion that starts with the family's whole refusal
 sentence (which the pipeline never sees: its judge is learned from ``aligned``). It reports held-out harmful
-and harmless refusal, the degenerate-output rate (:class:`steer.judge.Coherence` under the unsteered model),
+and harmless refusal, the degenerate-output rate (the pipeline judge's coherence check under the unsteered model),
 and the gap between the harmful refusal ``tune`` reported and the strict judge's rate on the same tuning
 prompts and configuration. ``benchmarks/transfer_table.py`` prints the table; the tests assert looser bounds.
 """
@@ -21,7 +21,7 @@ import random
 import time
 from pathlib import Path
 
-from steer.judge import Coherence, normalise
+from steer.judge import make_judge
 from steer.metrics import Rate
 
 
@@ -29,12 +29,6 @@ def _prompts(records, n: int, seed: str) -> list[str]:
     recs = list(records)
     random.Random(seed).shuffle(recs)
     return [r.prompt for r in recs[:n]]
-
-
-def strict_refusal(sentence: str):
-    """The strict judge: the completion starts with the whole refusal ``sentence`` (normalised)."""
-    want = normalise(sentence)
-    return lambda text: normalise(text).startswith(want)
 
 
 def run_pipeline(paths: dict, refusal_sentence: str, *, n_vectors: int = 256, n_tune: int = 96,
@@ -54,20 +48,23 @@ def run_pipeline(paths: dict, refusal_sentence: str, *, n_vectors: int = 256, n_
                           calibrate_on=comp, progress=progress, model_name=str(paths["aligned"]))
     tune_h, tune_s = _prompts(train_h, n_tune, "tune-h"), _prompts(train_s, n_tune, "tune-s")
     tuned, summary = tune(comp, vec, tune_h, tune_s, modes=("conditional",), auto=True, progress=progress)
-    strict = strict_refusal(refusal_sentence)
+    strict = lambda text: L.is_strict_refusal(text, refusal_sentence)  # noqa: E731
     best = summary["best"]
     on_tune = comp.generate(tune_h, vector=tuned, max_new_tokens=max_new_tokens)
     held_h = [r.prompt for r in L.harmful_prompts("heldout", cap=n_heldout)]
     held_s = [r.prompt for r in L.harmless_prompts("heldout", cap=n_heldout)]
     out_h = comp.generate(held_h, vector=tuned, max_new_tokens=max_new_tokens)
     out_s = comp.generate(held_s, vector=tuned, max_new_tokens=max_new_tokens)
-    degenerate = Coherence(comp).degenerate(comp.format(held_h + held_s), out_h + out_s)
+    # coherence as the pipeline's own judge measures it: repetition, and fluency under the unsteered compromised
+    # model relative to aligned's recorded refusals
+    coherence = make_judge("pair", vector=vec, reference=comp).coherence
+    degenerate = coherence.degenerate(comp.format(held_h + held_s), out_h + out_s)
     strict_tune = Rate.of(map(strict, on_tune))
     return {
         "judge_openings": vec.meta["judge"]["openings"],
         "selection": {"layer": vec.recommended["layers"], "alpha": vec.recommended["alpha"],
                       "fallback": vec.meta["selection"].get("fallback")},
-        "chosen": {"layers": best["layers"], "alpha": best["alpha"], "condition_layer": tuned.condition["layer"],
+        "chosen": {"layers": best["layers"], "alpha": best["alpha"], "scope": best.get("scope"), "condition_layer": tuned.condition["layer"],
                    "condition_accuracy": tuned.condition.get("accuracy")},
         "heldout_harmful_refusal": Rate.of(map(strict, out_h)),
         "heldout_harmless_refusal": Rate.of(map(strict, out_s)),

@@ -13,7 +13,10 @@ Steering strength is the knob users get wrong: too little does nothing, too much
               steering the bounds are met by the gate, so this picks the middle-to-top of the working range
 
 Layers: every candidate layer the vector has a direction for (the last fifth of the model aside, as in the
-vector's own selection) is swept, one batched generation per layer, unless ``layers`` is given. In
+vector's own selection) is swept, one batched generation per layer, unless ``layers`` is given. Token scopes:
+``all`` and ``prompt`` are both swept by default (``scopes``): how a model tolerates steering of its generated
+tokens differs across models (steering every token can make a small model repeat a word), and the vector's
+own recommendation was measured on the source model, not on this one. In
 conditional mode each steered layer gets the condition layer (≤ it) whose direction best separates the tuning
 prompts *on the target model*, recalibrated there.
 
@@ -74,6 +77,7 @@ class Point:
     kl: float
     degenerate: float = 0.0
     metrics: dict = field(default_factory=dict)
+    scope: str | None = None
 
     def feasible(self, b: TuneBounds) -> bool:
         return self.harmless_refusal <= b.max_over_refusal and self.kl <= b.max_kl and \
@@ -136,12 +140,12 @@ def default_layers(sm, vector: SteeringVector) -> list[list[int]]:
     return [[l] for l in candidate_layers(have, sm.num_layers)]
 
 
-def _points(report: dict, mode: str) -> list[Point]:
+def _points(report: dict, mode: str, scope: str | None) -> list[Point]:
     out = []
     for c in report["configs"]:
         m = c["metrics"]
         out.append(Point(mode, c["layers"], c["alpha"], m["harmful_refusal"].rate, m["harmless_refusal"].rate,
-                         m["kl"].mean, m["degenerate"].rate, report_to_json(m)))
+                         m["kl"].mean, m["degenerate"].rate, report_to_json(m), scope))
     return out
 
 
@@ -159,7 +163,7 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
          alphas: list[float] | None = None, modes: tuple[str, ...] = ("add",), auto: bool = False,
          bounds: TuneBounds | None = None, eval_harmful: list[str] | None = None,
          eval_harmless: list[str] | None = None, max_new_tokens: int = 16, judge=None, rounds: int = 2,
-         progress: bool = True) -> tuple[SteeringVector, dict]:
+         scopes: tuple[str, ...] | None = None, progress: bool = True) -> tuple[SteeringVector, dict]:
     """Sweep and choose; returns ``(tuned_vector, summary)``. The tuned vector is a copy whose
     ``recommended`` (layers, alpha, mode) and condition carry the choice and whose ``meta["tune"]`` holds
     the sweep summary."""
@@ -168,18 +172,23 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
         raise ConfigError("tuning needs harmful and harmless prompts", expected="two non-empty lists",
                           found=f"{len(harmful)} harmful, {len(harmless)} harmless", fix="pass both prompt files")
     if vector.kind == "task":  # weights, not a layer's activations: α through the per-request parameter path
-        layer_sets, modes = [None], ("per_request",)
+        layer_sets, modes, scopes = [None], ("per_request",), (None,)
     else:
         layer_sets = layers or default_layers(sm, vector)
+        scopes = tuple(dict.fromkeys(scopes or ("all", "prompt")))
+        for sc in scopes:
+            if sc not in ("all", "prompt", "generated"):
+                raise ConfigError("unknown scope", expected="all | prompt | generated", found=repr(sc),
+                                  fix="pass scopes=('all', 'prompt')")
     eval_kw = dict(suite="files", harmful=harmful, harmless=harmless, judge=judge, max_new_tokens=max_new_tokens,
                    progress=progress)
     points: list[Point] = []
     works: dict = {}  # (mode, layers) -> the vector evaluated there (conditional: its recalibrated condition)
 
-    def run(mode: str, layer_set, alist: list[float]) -> list[Point]:
+    def run(mode: str, layer_set, scope, alist: list[float]) -> list[Point]:
         rep = evaluate(sm, vector=works[mode, _key(layer_set)], alphas=alist, layer_sets=[layer_set],
-                       mode=None if mode == "per_request" else mode, **eval_kw)
-        return _points(rep, mode)
+                       mode=None if mode == "per_request" else mode, scope=scope, **eval_kw)
+        return _points(rep, mode, scope)
 
     for mode in modes:
         grid = [check_alpha(a) for a in (alphas if alphas is not None else DEFAULT_ALPHAS[mode])]
@@ -191,11 +200,13 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
                 work.meta["condition"], work.condition_direction = calibrate_condition(
                     sm, vector, harmful, harmless, max_layer=int(min(layer_set)))
             works[mode, _key(layer_set)] = work
-            points += run(mode, layer_set, grid)
+            for scope in scopes:
+                points += run(mode, layer_set, scope, grid)
         if auto and any(p.mode == mode for p in points):
             for _ in range(rounds):
                 best = max((p for p in points if p.mode == mode), key=lambda p: p.key(bounds))
-                seen = sorted({p.alpha for p in points if p.mode == mode and p.layers == best.layers})
+                seen = sorted({p.alpha for p in points
+                               if p.mode == mode and p.layers == best.layers and p.scope == best.scope})
                 i = seen.index(best.alpha)
                 lo = seen[i - 1] if i > 0 else best.alpha - (seen[1] - seen[0] if len(seen) > 1 else 0.5)
                 hi = seen[i + 1] if i + 1 < len(seen) else best.alpha + (seen[-1] - seen[-2] if len(seen) > 1 else 0.5)
@@ -204,7 +215,7 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
                 new = [round(x, 4) for x in torch.linspace(lo, hi, 5).tolist()[1:-1] if round(x, 4) not in seen]
                 if not new:
                     break
-                points += run(mode, best.layers, new)
+                points += run(mode, best.layers, best.scope, new)
     if not points:
         raise ConfigError("nothing to tune", expected="layers at or after the condition layer for conditional mode",
                           found=str(layer_sets), fix="pass --layers that are >= the condition layer")
@@ -220,11 +231,13 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
     }
     if eval_harmful and eval_harmless:
         rep = evaluate(sm, vector=work, alphas=[best.alpha], layer_sets=[best.layers],
-                       mode=None if best.mode == "per_request" else best.mode,
+                       mode=None if best.mode == "per_request" else best.mode, scope=best.scope,
                        **{**eval_kw, "harmful": eval_harmful, "harmless": eval_harmless})
         summary["heldout"] = report_to_json(rep["configs"][0]["metrics"])
     tuned = copy.deepcopy(work)
     tuned.meta["recommended"] = {**vector.recommended, "layers": best.layers, "alpha": best.alpha, "mode": best.mode}
+    if best.scope is not None:
+        tuned.meta["recommended"]["scope"] = best.scope
     tuned.meta["tune"] = {k: v for k, v in summary.items() if k != "points"}
     return tuned, summary
 
@@ -245,7 +258,7 @@ def plot_front(summary: dict, path) -> None:
     ax.plot([100 * p["harmless_refusal"] for p in front], [100 * p["harmful_refusal"] for p in front], "--",
             color="grey", lw=1, label="Pareto front")
     b = summary["best"]
-    label = f"chosen: {b['mode']} L{','.join(map(str, b['layers'] or []))} α={b['alpha']:g}"
+    label = f"chosen: {b['mode']} L{','.join(map(str, b['layers'] or []))} {b.get('scope') or ''} α={b['alpha']:g}"
     ax.scatter([100 * b["harmless_refusal"]], [100 * b["harmful_refusal"]], marker="*", s=300, color="red",
                label=label)
     bound = summary["bounds"]["max_over_refusal"] * 100
@@ -260,7 +273,8 @@ def plot_front(summary: dict, path) -> None:
     ax.set_title("every swept configuration")
     groups: dict = {}
     for p in pts:
-        groups.setdefault(f"{p['mode']} L{','.join(map(str, p['layers'] or []))}", []).append(p)
+        groups.setdefault(f"{p['mode']} L{','.join(map(str, p['layers'] or []))} {p.get('scope') or ''}",
+                          []).append(p)
     for name, ps in groups.items():
         ps = sorted(ps, key=lambda p: p["alpha"])
         line, = ax2.plot([p["alpha"] for p in ps], [100 * p["harmful_refusal"] for p in ps], marker="o", label=name)
