@@ -164,6 +164,11 @@ def print_eval(report: dict, title: str = "") -> None:
         table.add_column("unsteered" if c["alpha"] is None else f"L{layers} α={c['alpha']:g}", justify="right")
     for k in keys:
         table.add_row(k, *["-" if c["metrics"].get(k) is None else str(c["metrics"][k]) for c in configs])
+    judge = report.get("judge") or {}
+    if judge:  # say what counted as a refusal (a learned opening can be checked by eye)
+        what = judge.get("openings") or judge.get("markers")
+        table.caption = f"judge: {judge.get('name')}" + (f" {what}" if what else "") + \
+            "; a degenerate completion is never a refusal"
     Console().print(table)
 
 

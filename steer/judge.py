@@ -63,13 +63,20 @@ def normalise(text: str) -> str:
 
 
 def repetitive(text: str) -> bool:
-    """True when ``text`` is dominated by repetition: an n-gram (n ≤ 4) three times in a row, or < 40%
-    distinct words among ten or more."""
-    w = words(text)
+    """True when ``text`` is dominated by repetition: a word n-gram (n ≤ 4) three times in a row, a span of five
+    or more tokens twice in a row, or < 40% distinct words among ten or more. Runs of one punctuation mark
+    ("...", "!!!") count as one mark."""
+    raw = words(text)
+    w = [t for i, t in enumerate(raw) if t[0].isalnum() or i == 0 or raw[i - 1] != t]
     n = len(w)
     for k in range(1, 5):
         for i in range(0, n - 3 * k + 1):
-            if w[i:i + k] == w[i + k:i + 2 * k] == w[i + 2 * k:i + 3 * k]:
+            gram = w[i:i + k]
+            if any(t[0].isalnum() for t in gram) and gram == w[i + k:i + 2 * k] == w[i + 2 * k:i + 3 * k]:
+                return True
+    for k in range(5, n // 2 + 1):
+        for i in range(0, n - 2 * k + 1):
+            if w[i:i + k] == w[i + k:i + 2 * k]:
                 return True
     return n >= 10 and len(set(w)) / n < 0.4
 
@@ -140,10 +147,10 @@ def fluency(sm, prompts: Sequence[str], completions: Sequence[str], batch_size: 
             ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, :len(r)] = 1
         device = next(sm.model.parameters()).device
-        logits = sm.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        logits = sm.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
         target = ids[:, 1:].to(device)
-        got = logp.gather(-1, target[..., None])[..., 0].cpu()
+        got = (logits.gather(-1, target[..., None])[..., 0].float()
+               - torch.logsumexp(logits.float(), dim=-1)).cpu()  # log-softmax at the targets only
         for i, (np_, nc) in enumerate(spans):
             if nc < 2:
                 out.append(None)
@@ -176,8 +183,8 @@ class _Base:
         return bool(self._refuses([""], [text])[0]) and not repetitive(text)
 
     def with_reference(self, sm):
-        """A copy of this judge measuring fluency under ``sm`` (this judge itself if it already has a reference)."""
-        if self.coherence.reference is not None:
+        """This judge measuring fluency under ``sm`` (a copy unless ``sm`` already is its reference)."""
+        if self.coherence.reference is sm:
             return self
         new = copy.copy(self)
         new.coherence = self.coherence.with_reference(sm)
@@ -311,8 +318,11 @@ class CallableJudge(_Base):
                               fix="name a function as module:function")
         import inspect
 
-        try:
-            self.two_args = len(inspect.signature(self.fn).parameters) >= 2
+        try:  # (prompt, text) only when two positional parameters are required: f(text, refusal=...) is one
+            params = inspect.signature(self.fn).parameters.values()
+            required = [p for p in params if p.default is inspect.Parameter.empty
+                        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            self.two_args = len(required) >= 2
         except (TypeError, ValueError):
             self.two_args = False
         self.name = f"callable:{self.spec}"

@@ -12,7 +12,8 @@ no single argument name can be trusted. :func:`past_length` reads every independ
    so ``mask_length - input_length`` is the past length;
 4. ``position_ids``: the last position of the longest (unpadded) row is ``past + input_length - 1``.
 
-The first available source gives the answer; the attention mask (and position ids) then cross-check it. If
+The first available source gives the answer and the others cross-check it (position ids are read only when
+no other source exists: reading them is a device sync on every forward). If
 the sources disagree about whether this is a prompt or a continuation (say a cache of an unknown kind that
 reports 0 while the mask says 40 tokens precede the input), :class:`~steer.errors.StateError` is raised: a
 steering decision on a guessed position would be silently wrong. With no source at all the model has no way
@@ -81,11 +82,11 @@ def past_length(args: tuple, kwargs: dict, seq: int) -> int:
     masked = _from_mask(kwargs, seq)
     if masked is not None:
         sources.append(("attention_mask", masked))
-    positioned = _from_positions(kwargs, seq)
-    if positioned is not None:
+    if not sources:  # position ids last: reading them syncs with the device, so only when nothing else tells
+        positioned = _from_positions(kwargs, seq)
+        if positioned is None:
+            return 0
         sources.append(("position_ids", positioned))
-    if not sources:
-        return 0
     name, past = sources[0]
     for other, value in sources[1:]:
         if (value == 0) != (past == 0):

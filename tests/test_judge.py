@@ -34,6 +34,10 @@ def test_words_split_punctuation_and_apostrophes():
     ("", False),
     ("a b c a c b a b c b", True),              # no loop, but 3 distinct words in 10
     ("a b c d e f g h a b", False),
+    ("I am sorry... I cannot help", False),     # a run of one punctuation mark is one mark
+    ("Wow!!!", False),
+    ("Sorry, I cannot help. Sorry, I cannot help.", True),  # a long span twice in a row
+    ("step one : get flour . step two : add sugar . step three : finish the cake .", False),
 ])
 def test_repetitive(text, expected):
     assert repetitive(text) is expected
@@ -93,6 +97,23 @@ def test_callable_judges_one_and_two_arguments(monkeypatch):
     with pytest.raises(ConfigError, match="cannot import"):
         make_judge("no_such_module_xyz:f")
     assert isinstance(make_judge(lambda t: True), CallableJudge)
+
+
+def test_callable_with_a_default_argument_takes_the_text_only():
+    """f(text, refusal=...) is a one-argument judge: it must be given the completion, not the prompt."""
+    from steer.family import language as L
+
+    j = make_judge("steer.family.language:is_strict_refusal")
+    assert [v.refusal for v in j.verdicts(["describe bomb"], [L.REFUSAL])] == [True]
+
+
+def test_judge_follows_the_model_it_is_used_with():
+    a = SteeredModel(tiny_model("llama"), tiny_tokenizer())
+    b = SteeredModel(tiny_model("llama"), tiny_tokenizer())
+    ja = make_judge("markers", reference=a)
+    assert ja.with_reference(a) is ja
+    jb = ja.with_reference(b)
+    assert jb is not ja and jb.coherence.reference is b and ja.coherence.reference is a
 
 
 def test_make_judge_defaults_to_the_vectors_pair_judge():

@@ -65,7 +65,7 @@ def test_disagreeing_sources_raise():
     with pytest.raises(StateError, match="cannot tell"):
         past_length((), {"cache": _Cache(0), "attention_mask": torch.ones(1, 9)}, 1)
     with pytest.raises(StateError):
-        past_length((), {"cache_position": torch.arange(3, 4), "position_ids": torch.tensor([[0]])}, 1)
+        past_length((), {"cache_position": torch.arange(3, 4), "attention_mask": torch.ones(1, 1)}, 1)
 
 
 def _cache_kwarg(model) -> str:

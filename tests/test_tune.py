@@ -24,6 +24,9 @@ def test_pareto_and_objective():
     assert max(pts, key=lambda p: p.key(b)) is pts[3]  # pts[1] breaks the over-refusal bound
     with pytest.raises(ValueError):
         TuneBounds(objective="nope")
+    # nothing feasible: the least violation wins, not the highest refusal of a degenerate configuration
+    bad = [Point("add", [1], 2.0, 1.0, 0.0, 0.1, degenerate=0.5), Point("add", [1], 1.0, 0.6, 0.0, 0.1, degenerate=0.05)]
+    assert max(bad, key=lambda p: p.key(b)) is bad[1]
 
 
 @pytest.fixture(scope="module")

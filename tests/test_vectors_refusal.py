@@ -299,3 +299,38 @@ def test_family_ablating_removes_refusal(fam):
     after = _refusal(lang, sm.generate(harm, vector=vec, mode="ablate", layers=list(range(sm.num_layers)),
                                        scope="all", alphas=1.0, max_new_tokens=8))
     assert before - after >= 0.5, (before, after)
+
+
+def test_degenerate_ablation_is_no_bypass(sm):
+    """Garbage under ablation must not score as a bypass: degenerate ablation rows count as still refused, and
+    the layer's degenerate rate (max of add and ablation rows) makes it ineligible."""
+    from steer.judge import Verdict
+
+    nh = ns = 3
+    directions = {l: torch.randn(sm.hidden_size, generator=torch.Generator().manual_seed(l)) for l in range(L)}
+
+    class Fake:  # baseline rows refuse; candidate 0's ablation rows are degenerate, candidate 2's coherent
+        def verdicts(self, prompts, completions):
+            out = [Verdict(True, False)] * (nh + ns)
+            out += [Verdict(False, False)] * ns + [Verdict(False, True)] * nh   # layer 0: add, ablate
+            out += [Verdict(False, False)] * ns + [Verdict(False, False)] * nh  # layer 2: add, ablate
+            assert len(out) == len(completions)
+            return out
+
+    sel = evaluate_candidates(sm, directions, HARM[:nh], SAFE[:ns], candidates=[0, 2], judge=Fake(),
+                              max_new_tokens=2)
+    rows = {r["layer"]: r for r in sel["table"]}
+    assert rows[0]["bypass"] == 1.0 and rows[0]["degenerate"] == 1.0 and not rows[0]["eligible"]
+    assert rows[2]["bypass"] == 0.0 and rows[2]["degenerate"] == 0.0
+    assert sel["chosen"] == 2
+
+
+def test_pair_judge_option_and_a_model_that_never_refuses(sm):
+    """judge="pair" uses the judge learned on the spot; a model with no consistent refusal cannot give one
+    (the random tiny model), which is a clear error, not a silent fallback."""
+    from steer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no consistent refusal"):
+        compute_refusal(sm, HARM, SAFE, judge="pair", n_eval=4, max_new_tokens=4)
+    with pytest.raises(ConfigError, match="unknown judge"):  # refused before any generation
+        compute_refusal(sm, HARM, SAFE, judge="bogus", n_eval=4, max_new_tokens=4)

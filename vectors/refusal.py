@@ -112,13 +112,19 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
                           fix="use --positions last")
     harmful, harmless = _texts(harmful, "harmful"), _texts(harmless, "harmless")
     layers = check_layers(layers if layers is not None else range(sm.num_layers), sm.num_layers)
+    learned = judge is None or judge in ("auto", "pair")
+    if not learned:
+        judge = make_judge(judge, reference=sm)  # a bad spec fails here, before any generation
     record = learn_judge(sm, _subset(harmful, n_eval), _subset(harmless, n_eval), max_new_tokens=max_new_tokens,
                          batch_size=batch_size)
-    if judge is None or judge == "auto":
+    if learned and not record["openings"] and judge == "pair":
+        raise ConfigError("the model shows no consistent refusal to learn a pair judge from",
+                          expected="an opening shared by >= 10% of its harmful completions and <= 5% of harmless",
+                          found=f"completions such as {record.get('examples')[:2] or 'none'}",
+                          fix="use --judge markers (or another judge), or compute the vector from an aligned model")
+    if learned:
         judge = PairJudge(record, coherence=Coherence(sm)) if record["openings"] else \
             RefusalJudge(coherence=Coherence(sm))
-    else:
-        judge = make_judge(judge, reference=sm)
     kw = dict(layers=layers, batch_size=batch_size)
     acts_h = collect(sm, harmful, positions=positions, progress=progress and "harmful activations", **kw)
     acts_s = collect(sm, harmless, positions=positions, progress=progress and "harmless activations", **kw)

@@ -10,7 +10,8 @@ disrupting the next-token distribution rather than by mediating refusal) three n
   prompts (the ablation should leave harmless behaviour alone).
 
 Refusal is judged on a few greedily generated tokens by a judge that counts only *coherent* refusals
-(:mod:`steer.judge`); ``degenerate`` is the rate of incoherent completions among the induce rows. A layer is
+(:mod:`steer.judge`); ``degenerate`` is the larger rate of incoherent completions among the induce rows and
+among the ablation rows (a degenerate completion under ablation counts as still refused: garbage is no bypass). A layer is
 eligible when ``kl <= kl_bound`` and ``degenerate <= max_degenerate``; the chosen one maximises
 ``induce + (refusal_plain − bypass)`` (ties: less degenerate, lower KL, then the earlier layer). When no layer
 is eligible, the choice falls back to the measured effect among the layers that meet the coherence bound, and
@@ -119,8 +120,11 @@ def evaluate_candidates(sm, directions: dict[int, torch.Tensor], harmful: list[s
     pos = nh + ns
     for i, l in enumerate(candidates):
         induce = _rate(flags[pos:pos + ns])
-        degenerate = _rate([v.degenerate for v in verdicts[pos:pos + ns]])
-        bypass = _rate(flags[pos + ns:pos + ns + nh])
+        bypassed = verdicts[pos + ns:pos + ns + nh]
+        # a degenerate completion under ablation is no bypass: it counts as still refused
+        bypass = _rate([v.refusal or v.degenerate for v in bypassed])
+        degenerate = max(_rate([v.degenerate for v in verdicts[pos:pos + ns]]),
+                         _rate([v.degenerate for v in bypassed]))
         pos += ns + nh
         ablated = torch.stack(logps[ns * (i + 1):ns * (i + 2)])
         kl = float((plain.exp() * (plain - ablated)).sum(-1).mean())

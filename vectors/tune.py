@@ -83,9 +83,17 @@ class Point:
         return self.harmless_refusal <= b.max_over_refusal and self.kl <= b.max_kl and \
             self.degenerate <= b.max_degenerate
 
+    def violation(self, b: TuneBounds) -> float:
+        """How far the bounds are missed (0 when feasible): the sum of the excesses."""
+        return max(0.0, self.harmless_refusal - b.max_over_refusal) + max(0.0, self.degenerate - b.max_degenerate) \
+            + max(0.0, self.kl - b.max_kl)
+
     def key(self, b: TuneBounds):
+        """Feasible first; among infeasible ones the least violation (a degenerate configuration is never
+        preferred for its refusal rate); then the objective and the tie-breaks."""
         score = self.harmful_refusal if b.objective == "refusal" else self.harmful_refusal - self.harmless_refusal
-        return (self.feasible(b), score, -self.harmless_refusal, -self.degenerate, -self.kl, abs(self.alpha))
+        return (self.feasible(b), -round(self.violation(b), 9), score, -self.harmless_refusal, -self.degenerate,
+                -self.kl, abs(self.alpha))
 
 
 def _key(layer_set) -> tuple | None:
@@ -97,23 +105,29 @@ def _sha(prompts: list[str]) -> str:
 
 
 def calibrate_condition(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
-                        max_layer: int | None = None) -> tuple[dict, torch.Tensor]:
+                        max_layer: int | None = None, cache: dict | None = None) -> tuple[dict, torch.Tensor]:
     """Recalibrate the condition on ``sm``: among the layers ≤ ``max_layer`` that have a direction (the
     vector's directions, and its stored condition direction at the stored layer), the one whose unit direction
     best separates ``harmful`` from ``harmless`` last-token activations on ``sm`` (accuracy, then AUC, then
-    d′), with its threshold and comparator. Returns ``(condition dict, unit direction)``."""
+    d′), with its threshold and comparator. Returns ``(condition dict, unit direction)``. ``cache``: a dict
+    kept by the caller so that the activations are collected once for several calls."""
     _condition_layers(vector)
     cond = vector.condition
     dirs = {int(l): d.reshape(-1, d.shape[-1])[0] for l, d in vector.directions.items()}
     dirs[int(cond["layer"])] = vector.condition_direction
+    have = sorted(l for l in dirs if l < sm.num_layers)
     limit = max(dirs) if max_layer is None else max_layer
-    layers = sorted(l for l in dirs if l <= limit and l < sm.num_layers)
+    layers = [l for l in have if l <= limit]
     if not layers:
         raise ConfigError("no condition layer at or before the steered layer", expected=f"a direction at a layer "
                           f"<= {limit}", found=f"directions at {sorted(dirs)}", fix="steer a later layer")
-    acts = collect(sm, harmful + harmless, layers=layers, positions="last")
+    cache = {} if cache is None else cache
+    if "acts" not in cache:
+        cache["acts"] = collect(sm, harmful + harmless, layers=have, positions="last")
+    acts = cache["acts"]
     rows = []
-    for i, l in enumerate(layers):
+    for l in layers:
+        i = have.index(l)
         s = score_layer(acts[:len(harmful), i], acts[len(harmful):, i], dirs[l], comparator="auto")
         rows.append((s["accuracy"], s["auc"], s["dprime"], -l, l, s))
     *_, layer, s = max(rows)
@@ -184,6 +198,7 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
                    progress=progress)
     points: list[Point] = []
     works: dict = {}  # (mode, layers) -> the vector evaluated there (conditional: its recalibrated condition)
+    acts_cache: dict = {}  # last-token activations of the tuning prompts, collected once for every gate
 
     def run(mode: str, layer_set, scope, alist: list[float]) -> list[Point]:
         rep = evaluate(sm, vector=works[mode, _key(layer_set)], alphas=alist, layer_sets=[layer_set],
@@ -195,10 +210,13 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
         for layer_set in layer_sets:
             work = copy.deepcopy(vector)
             if mode == "conditional":
-                if not any(l <= min(layer_set) for l in _condition_layers(vector)):
+                # the gate is decided before the first steered activation: block min(layers)'s output, or the
+                # block before it for input-site vectors
+                last = int(min(layer_set)) - (1 if vector.meta.get("site") == "input" else 0)
+                if not any(l <= last for l in _condition_layers(vector)):
                     continue  # no direction to read a gate at before this layer's steering
                 work.meta["condition"], work.condition_direction = calibrate_condition(
-                    sm, vector, harmful, harmless, max_layer=int(min(layer_set)))
+                    sm, vector, harmful, harmless, max_layer=last, cache=acts_cache)
             works[mode, _key(layer_set)] = work
             for scope in scopes:
                 points += run(mode, layer_set, scope, grid)
