@@ -70,3 +70,25 @@ def test_wheel_ships_the_native_source(tmp_path):
     (whl,) = (tmp_path / "dist").glob("steer_runtime-*.whl")
     names = zipfile.ZipFile(whl).namelist()
     assert "steer/kernels/native.cpp" in names and "steer/kernels/native.py" in names
+    # the CLI ships as a real module (no symlink to ../cli.py), with its console script
+    cli = zipfile.ZipFile(whl).read("steer/cli.py").decode()
+    assert "def main(" in cli and "@app.command" in cli
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "steer = steer.cli:main" in zipfile.ZipFile(whl).read(entry).decode()
+
+
+def test_no_symbolic_links_in_the_repository():
+    """A checkout without symlink support (Windows' default) must get working files."""
+    out = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        import pytest
+
+        pytest.skip("not a git checkout")
+    links = [line.split("\t", 1)[1] for line in out.stdout.splitlines() if line.startswith("120000")]
+    assert links == []
+
+
+def test_top_level_cli_shim_runs_the_cli():
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0 and "generate" in out.stdout, out.stderr
