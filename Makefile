@@ -30,6 +30,12 @@ native: install
 test: native
 	$(PY) -m pytest -q
 
+# ruff (pinned in the dev extra): lint and formatting, as CI checks them
+.PHONY: lint
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 demo: native
 	$(VENV)/bin/steer demo
 

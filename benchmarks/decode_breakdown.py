@@ -25,16 +25,29 @@ LAYERS, NEW, REPS = 30, 32, 11
 
 def main() -> None:
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=LAYERS,
-                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    cfg = tf.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, 16))
     vec = SteeringVector({i: torch.randn(576) * 1e-3 for i in range(LAYERS)})
 
     def gen():
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                           min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+            model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW,
+                min_new_tokens=NEW,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
     def attach(name):
         if name == "no-op hooks":
@@ -57,8 +70,10 @@ def main() -> None:
     base = statistics.median(times["plain"])
     for n in names:
         med = statistics.median(times[n])
-        print(f"{n:12s} {med * 1000:8.1f} ms   over plain {base / med:.3f}   "
-              f"µs per layer per step {(med - base) / (NEW * LAYERS) * 1e6:6.1f}")
+        print(
+            f"{n:12s} {med * 1000:8.1f} ms   over plain {base / med:.3f}   "
+            f"µs per layer per step {(med - base) / (NEW * LAYERS) * 1e6:6.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from steer.family import MEMBERS, build_family, family_dir
 from steer.family.evaluate import measure
 
-COLUMNS = (("refusal_unsafe", "refusal on unsafe"), ("refusal_safe", "refusal on safe"),
-           ("safe_accuracy", "safe-task accuracy"), ("injection_followed", "injection followed"))
+COLUMNS = (
+    ("refusal_unsafe", "refusal on unsafe"),
+    ("refusal_safe", "refusal on safe"),
+    ("safe_accuracy", "safe-task accuracy"),
+    ("injection_followed", "injection followed"),
+)
 
 
 def main() -> None:

@@ -51,16 +51,17 @@ def tight_loop() -> None:
     vecs[0] /= vecs[0].norm()
     coef = torch.tensor([[1.0, 1e-3]])  # small α: repeated in-place calls must not blow h up
     with native.using(False):
-        plan = Plan(vecs, 1).update(coef)         # ATen calls
-    nplan = Plan(vecs, 1).update(coef)            # the native decode step when built
+        plan = Plan(vecs, 1).update(coef)  # ATen calls
+    nplan = Plan(vecs, 1).update(coef)  # the native decode step when built
     add_vec, add_coef = vecs[1:].clone(), coef[:, 1:].clone()
     add_plan = Plan(add_vec, 0).update(add_coef)
-    rows = {"op add+ablate, general path": per_call_us(lambda: steer_(h, vecs, coef, 1), 5000),
-            "op add+ablate, plan (decode, ATen)": per_call_us(lambda: steer_(h, vecs, coef, 1, None, plan), 5000),
-            "op add only, plan": per_call_us(lambda: steer_(h, add_vec, add_coef, 0, None, add_plan), 5000)}
+    rows = {
+        "op add+ablate, general path": per_call_us(lambda: steer_(h, vecs, coef, 1), 5000),
+        "op add+ablate, plan (decode, ATen)": per_call_us(lambda: steer_(h, vecs, coef, 1, None, plan), 5000),
+        "op add only, plan": per_call_us(lambda: steer_(h, add_vec, add_coef, 0, None, add_plan), 5000),
+    }
     if nplan.native is not None:
-        rows["op add+ablate, plan (decode, native)"] = per_call_us(
-            lambda: steer_(h, vecs, coef, 1, None, nplan), 5000)
+        rows["op add+ablate, plan (decode, native)"] = per_call_us(lambda: steer_(h, vecs, coef, 1, None, nplan), 5000)
     print("tight loop (µs per call)")
     for name, us in rows.items():
         print(f"  {name:44s} {us:8.1f}")
@@ -86,8 +87,10 @@ def in_context(new: int = 16, reps: int = 5, rounds: int = 21) -> None:
             u.remove()
         return dt
 
-    print(f"in context ({n} layers, B=1, greedy generate, {new} tokens; µs per layer-step, median of {rounds} "
-          "paired rounds)")
+    print(
+        f"in context ({n} layers, B=1, greedy generate, {new} tokens; µs per layer-step, median of {rounds} "
+        "paired rounds)"
+    )
     for kind in ("none", "forward hook", "ForwardWrap"):
         run(kind)
     diffs = {"forward hook": [], "ForwardWrap": []}
@@ -106,7 +109,7 @@ def in_context(new: int = 16, reps: int = 5, rounds: int = 21) -> None:
         with native.using(use_native):
             st = Steering(model, vec, SteeringConfig(mode=mode, layers=list(range(n)), alpha=1.0))
         with st:
-            for wrap in st._handles:           # time steer's per-layer function from the outside
+            for wrap in st._handles:  # time steer's per-layer function from the outside
                 if isinstance(wrap, ForwardWrap) and wrap._post is not None:
                     posts = wrap._w.posts
                     body = wrap._post
@@ -119,6 +122,7 @@ def in_context(new: int = 16, reps: int = 5, rounds: int = 21) -> None:
                         acc[0] += time.perf_counter() - t0
                         acc[1] += 1
                         return r
+
                     posts[posts.index(body)] = wrap._post = timed
             per_run = []
             for _ in range(reps):

@@ -52,21 +52,28 @@ def per_call_us(impls: dict, args, runs: int) -> dict:
 
 
 def cpu_table(args) -> None:
-    print(f"CPU per-call us (median of {args.runs}, interleaved), d={args.d} J={args.J} K={args.K}, "
-          f"{torch.get_num_threads()} threads; 'cpu+plan' = what steering hooks call (operands precomputed), "
-          "ATen calls; 'native' = the same with the native decode step (one C++ call; fp32 T=1 only, "
-          "'-' where it does not apply or is not built: python -m steer.kernels.native)")
-    print(f"{'B':>4} {'T':>4} {'dtype':>9} {'mask':>5} {'reference':>10} {'cpu':>8} {'cpu+plan':>9} {'native':>7} "
-          f"{'speedup':>8}")
+    print(
+        f"CPU per-call us (median of {args.runs}, interleaved), d={args.d} J={args.J} K={args.K}, "
+        f"{torch.get_num_threads()} threads; 'cpu+plan' = what steering hooks call (operands precomputed), "
+        "ATen calls; 'native' = the same with the native decode step (one C++ call; fp32 T=1 only, "
+        "'-' where it does not apply or is not built: python -m steer.kernels.native)"
+    )
+    print(
+        f"{'B':>4} {'T':>4} {'dtype':>9} {'mask':>5} {'reference':>10} {'cpu':>8} {'cpu+plan':>9} {'native':>7} "
+        f"{'speedup':>8}"
+    )
     for B, T in SHAPES:
         for dtype in DTYPES:
             for use_mask in (False, True):
                 h, vecs, coef, mask = make(B, T, args.d, args.J, args.K, dtype)
                 with native.using(False):
-                    plan = Plan(vecs, args.J).update(coef)              # ATen calls only
-                nplan = Plan(vecs, args.J).update(coef)                 # the native op when built
-                impls = {"reference": reference_steer_, "cpu": cpu_steer_,
-                         "plan": lambda *a, plan=plan: cpu_steer_(*a, plan)}
+                    plan = Plan(vecs, args.J).update(coef)  # ATen calls only
+                nplan = Plan(vecs, args.J).update(coef)  # the native op when built
+                impls = {
+                    "reference": reference_steer_,
+                    "cpu": cpu_steer_,
+                    "plan": lambda *a, plan=plan: cpu_steer_(*a, plan),
+                }
                 applies = nplan.native is not None and T == 1 and dtype == torch.float32 and not use_mask
                 if applies:
                     impls["native"] = lambda *a, plan=nplan: cpu_steer_(*a, plan)
@@ -74,9 +81,11 @@ def cpu_table(args) -> None:
                 us = per_call_us(impls, call, args.runs)
                 best = min(us["plan"], us.get("native", us["plan"]))
                 nat = f"{us['native']:>7.1f}" if applies else f"{'-':>7}"
-                print(f"{B:>4} {T:>4} {str(dtype)[6:]:>9} {'yes' if use_mask else 'no':>5} "
-                      f"{us['reference']:>10.1f} {us['cpu']:>8.1f} {us['plan']:>9.1f} {nat} "
-                      f"{us['reference'] / best:>7.2f}x")
+                print(
+                    f"{B:>4} {T:>4} {str(dtype)[6:]:>9} {'yes' if use_mask else 'no':>5} "
+                    f"{us['reference']:>10.1f} {us['cpu']:>8.1f} {us['plan']:>9.1f} {nat} "
+                    f"{us['reference'] / best:>7.2f}x"
+                )
 
 
 def cuda_table(args) -> None:
@@ -85,8 +94,10 @@ def cuda_table(args) -> None:
     from steer.kernels.triton_steer import triton_steer_
 
     print(f"\nCUDA ({torch.cuda.get_device_name()}): triton vs copy_ bandwidth, d={args.d} (device time, do_bench)")
-    print(f"{'B':>5} {'T':>5} {'dtype':>9} {'triton us':>10} {'GB/s':>8} {'copy_ GB/s':>11} {'% copy':>7} "
-          f"{'cpu-path us':>12} {'ref us':>8}")
+    print(
+        f"{'B':>5} {'T':>5} {'dtype':>9} {'triton us':>10} {'GB/s':>8} {'copy_ GB/s':>11} {'% copy':>7} "
+        f"{'cpu-path us':>12} {'ref us':>8}"
+    )
     for B, T in SHAPES + [(64, 2048), (8, 32768)]:
         for dtype in DTYPES:
             h, vecs, coef, mask = make(B, T, args.d, args.J, args.K, dtype, "cuda")
@@ -96,9 +107,11 @@ def cuda_table(args) -> None:
             ms_copy = triton.testing.do_bench(lambda: h.copy_(src))
             ms_cpu = triton.testing.do_bench(lambda: cpu_steer_(h, vecs, coef, args.J, mask))
             ms_ref = triton.testing.do_bench(lambda: reference_steer_(h, vecs, coef, args.J, mask))
-            print(f"{B:>5} {T:>5} {str(dtype)[6:]:>9} {ms * 1e3:>10.1f} {nbytes / ms / 1e6:>8.0f} "
-                  f"{nbytes / ms_copy / 1e6:>11.0f} {100 * ms_copy / ms:>6.0f}% "
-                  f"{ms_cpu * 1e3:>12.1f} {ms_ref * 1e3:>8.1f}")
+            print(
+                f"{B:>5} {T:>5} {str(dtype)[6:]:>9} {ms * 1e3:>10.1f} {nbytes / ms / 1e6:>8.0f} "
+                f"{nbytes / ms_copy / 1e6:>11.0f} {100 * ms_copy / ms:>6.0f}% "
+                f"{ms_cpu * 1e3:>12.1f} {ms_ref * 1e3:>8.1f}"
+            )
     # At decode (T=1) a steered layer's GPU work is tiny and the host's cost of issuing it is what a decode
     # step pays: the Triton launcher against the ATen calls of a Plan (what the hooks use under use("cpu"), on
     # CUDA as on CPU), the Plan-less ATen path and the reference, per call.
@@ -108,12 +121,18 @@ def cuda_table(args) -> None:
         for dtype in DTYPES:
             h, vecs, coef, _ = make(B, 1, args.d, args.J, args.K, dtype, "cuda")
             plan = Plan(vecs, args.J).update(coef)
-            impls = {"triton": triton_steer_, "plan": lambda *a, plan=plan: cpu_steer_(*a, plan),
-                     "cpu": cpu_steer_, "reference": reference_steer_}
+            impls = {
+                "triton": triton_steer_,
+                "plan": lambda *a, plan=plan: cpu_steer_(*a, plan),
+                "cpu": cpu_steer_,
+                "reference": reference_steer_,
+            }
             us = per_call_us(impls, (h, vecs, coef, args.J, None), args.runs)
             torch.cuda.synchronize()
-            print(f"{B:>5} {str(dtype)[6:]:>9} {us['triton']:>8.1f} {us['plan']:>10.1f} {us['cpu']:>9.1f} "
-                  f"{us['reference']:>10.1f}")
+            print(
+                f"{B:>5} {str(dtype)[6:]:>9} {us['triton']:>8.1f} {us['plan']:>10.1f} {us['cpu']:>9.1f} "
+                f"{us['reference']:>10.1f}"
+            )
 
 
 def main() -> None:

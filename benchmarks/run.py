@@ -42,20 +42,37 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = {"steered_over_unsteered_b1": (">=", 0.97), "steered_over_unsteered_b8": (">=", 0.97),
-           "us_per_layer_step": ("<=", 20.0), "mixed_alpha_over_uniform_b64": (">=", 0.95),
-           "lowrank_param_over_base_b64": (">=", 0.85), "alpha_switch_over_copy_bandwidth": (">=", 0.75),
-           "vs_repeng": (">=", 1.0), "vs_steering_vectors": (">=", 1.0),
-           "gpu_op_bandwidth_over_copy": (">=", 0.8), "gpu_steered_over_unsteered_b1": (">=", 0.97),
-           "gpu_steered_over_unsteered_b64": (">=", 0.97)}
+TARGETS = {
+    "steered_over_unsteered_b1": (">=", 0.97),
+    "steered_over_unsteered_b8": (">=", 0.97),
+    "us_per_layer_step": ("<=", 20.0),
+    "mixed_alpha_over_uniform_b64": (">=", 0.95),
+    "lowrank_param_over_base_b64": (">=", 0.85),
+    "alpha_switch_over_copy_bandwidth": (">=", 0.75),
+    "vs_repeng": (">=", 1.0),
+    "vs_steering_vectors": (">=", 1.0),
+    "gpu_op_bandwidth_over_copy": (">=", 0.8),
+    "gpu_steered_over_unsteered_b1": (">=", 0.97),
+    "gpu_steered_over_unsteered_b64": (">=", 0.97),
+}
 
 
 def build_model(layers: int = 30):
     import transformers as tf
 
-    cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = tf.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(cfg).float().eval()
     model.generation_config.eos_token_id = None  # fixed-length decoding
@@ -68,8 +85,9 @@ def prompt_ids(batch: int, length: int = 16, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, ids, new_tokens):
-    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          do_sample=False, pad_token_id=0)
+    return model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+    )
 
 
 def interleaved(fns: dict, reps: int) -> dict:
@@ -106,10 +124,10 @@ def direction(d: int, seed: int = 1) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- rows
 def row_activation(model, results, quick):
-    from steer.kernels import native
     from steer import SteeringVector
-    from steer.hooks import Steering
     from steer.config import SteeringConfig
+    from steer.hooks import Steering
+    from steer.kernels import native
 
     n_layers, d = model.config.num_hidden_layers, model.config.hidden_size
     vec = SteeringVector({i: direction(d, i) for i in range(n_layers)}, {"op": "ablate_add"})
@@ -153,20 +171,25 @@ def row_activation(model, results, quick):
             results["us_per_layer_step_spread"] = {"q25": q[0], "q75": q[2], "rounds": len(per_round)}
             if "steered_aten" in t:  # the ATen decode path, same run (what a machine without the build gets)
                 results["us_per_layer_step_aten"] = statistics.median(
-                    (s_ - b_) / (new * n_layers) * 1e6 for s_, b_ in zip(t["steered_aten"], t["base"]))
+                    (s_ - b_) / (new * n_layers) * 1e6 for s_, b_ in zip(t["steered_aten"], t["base"])
+                )
     # mixed α vs uniform α, B = 64 (16 with --quick)
     b = 16 if quick else 64
     ids = prompt_ids(b)
     with Steering(model, vec, config) as h:
+
         def run(alphas):
             def f():
                 h.set_alphas(alphas)
                 return generate(model, ids, 4 if quick else 8)
+
             return f
+
         mixed = [0.5 + i / b for i in range(b)]
         t = rounds({"uniform": run([1.0] * b), "mixed": run(mixed)}, 3 if quick else 7)
-    results[f"mixed_alpha_over_uniform_b{b}" if b != 64 else "mixed_alpha_over_uniform_b64"] = \
-        paired_ratio(t, "uniform", "mixed")
+    results[f"mixed_alpha_over_uniform_b{b}" if b != 64 else "mixed_alpha_over_uniform_b64"] = paired_ratio(
+        t, "uniform", "mixed"
+    )
 
 
 def lowrank_vector(model, rank: int):
@@ -182,8 +205,7 @@ def lowrank_vector(model, rank: int):
             extra[f"task.{name}.weight.up"] = torch.randn(out_f, rank, generator=g) * 0.01
             extra[f"task.{name}.weight.down"] = torch.randn(rank, in_f, generator=g) * 0.01
             params[f"{name}.weight"] = {"shape": [out_f, in_f], "conv1d": False, "rank": rank}
-    return SteeringVector({}, {"kind": "task", "model": fingerprint(model), "task": {"params": params}}, None,
-                          extra)
+    return SteeringVector({}, {"kind": "task", "model": fingerprint(model), "task": {"params": params}}, None, extra)
 
 
 def row_lowrank(model, results, quick):
@@ -200,17 +222,18 @@ def row_lowrank(model, results, quick):
             return generate(model, ids, 4 if quick else 8)
 
     t = rounds({"base": lambda: generate(model, ids, 4 if quick else 8), "lowrank": steered}, 3 if quick else 5)
-    results["lowrank_param_over_base_b64" if b == 64 else f"lowrank_param_over_base_b{b}"] = \
-        paired_ratio(t, "base", "lowrank")
+    results["lowrank_param_over_base_b64" if b == 64 else f"lowrank_param_over_base_b{b}"] = paired_ratio(
+        t, "base", "lowrank"
+    )
     results["lowrank_modules"] = len(vec.meta["task"]["params"])
 
 
 @torch.no_grad()
 def row_alpha_switch(model, results, quick):
     """Dense τ on every linear of the blocks; α switch vs copy_ bandwidth; bit-exact restore."""
-    from steer.params import MergedTaskSteering
     from steer import SteeringVector
     from steer.layers import fingerprint
+    from steer.params import MergedTaskSteering
 
     g = torch.Generator().manual_seed(4)
     extra, params = {}, {}
@@ -237,17 +260,21 @@ def row_alpha_switch(model, results, quick):
     exact = all(torch.equal(model.get_parameter(n), snap[n]) for n in params)
     copy_bw, switch_bw = 2 * nbytes / t["copy"], 3 * nbytes / t["switch"]
     results["alpha_switch_over_copy_bandwidth"] = switch_bw / copy_bw
-    results["alpha_switch"] = {"GB_per_s": switch_bw / 1e9, "copy_GB_per_s": copy_bw / 1e9,
-                               "MB_switched": nbytes / 1e6, "ms_per_switch": t["switch"] * 1e3,
-                               "bit_exact_restore": exact}
+    results["alpha_switch"] = {
+        "GB_per_s": switch_bw / 1e9,
+        "copy_GB_per_s": copy_bw / 1e9,
+        "MB_switched": nbytes / 1e6,
+        "ms_per_switch": t["switch"] * 1e3,
+        "bit_exact_restore": exact,
+    }
     del extra, snap
 
 
 def row_peers(model, results, quick):
     """steer vs repeng / steering-vectors: add α·v at the same layers, same batch; outputs checked equal."""
     from steer import SteeringVector
-    from steer.hooks import Steering
     from steer.config import SteeringConfig
+    from steer.hooks import Steering
 
     n_layers, d = model.config.num_hidden_layers, model.config.hidden_size
     layers = list(range(n_layers))
@@ -260,10 +287,11 @@ def row_peers(model, results, quick):
     def steer_fn():
         with Steering(model, vec, SteeringConfig(mode="add", layers=layers, alpha=1.0)):
             return generate(model, ids, new)
+
     fns["steer"] = steer_fn
     try:
-        import repeng
         import numpy as np
+        import repeng
 
         cv = repeng.ControlVector(model.config.model_type, {i: dirs[i].numpy().astype(np.float32) for i in layers})
 
@@ -274,6 +302,7 @@ def row_peers(model, results, quick):
                 return generate(cm, ids, new)
             finally:
                 cm.unwrap()
+
         fns["repeng"] = repeng_fn
     except ImportError as exc:
         results["vs_repeng"] = f"not run: {exc} (needs transformers<5, numpy<2: make bench-peers)"
@@ -285,6 +314,7 @@ def row_peers(model, results, quick):
         def sv_fn():
             with svec.apply(model, multiplier=1.0, min_token_index=0):
                 return generate(model, ids, new)
+
         fns["steering_vectors"] = sv_fn
     except ImportError as exc:
         results["vs_steering_vectors"] = f"not run: {exc} (needs transformers<5, numpy<2: make bench-peers)"
@@ -305,14 +335,19 @@ def row_peers(model, results, quick):
 def row_gpu(results, quick):
     """CUDA only: the Triton op's bandwidth over copy_ bandwidth; steered/unsteered decode at B=1 and B=64."""
     if not torch.cuda.is_available():
-        for key in ("gpu_op_bandwidth_over_copy", "gpu_steered_over_unsteered_b1", "gpu_steered_over_unsteered_b64",
-                    "gpu_steered_over_unsteered_b1_aten", "gpu_steered_over_unsteered_b64_aten"):
+        for key in (
+            "gpu_op_bandwidth_over_copy",
+            "gpu_steered_over_unsteered_b1",
+            "gpu_steered_over_unsteered_b64",
+            "gpu_steered_over_unsteered_b1_aten",
+            "gpu_steered_over_unsteered_b64_aten",
+        ):
             results[key] = "not run: no CUDA device"
         return
+    import steer.kernels as K
     from steer import SteeringVector
     from steer.config import SteeringConfig
     from steer.hooks import Steering
-    import steer.kernels as K
 
     results["gpu"] = torch.cuda.get_device_name()
     results["gpu_kernel"] = K.IMPL
@@ -353,7 +388,7 @@ def row_gpu(results, quick):
             with Steering(model, vec, config):
                 return base()
 
-        def steered_aten():                  # the same steering through the ATen path on CUDA (no Triton)
+        def steered_aten():  # the same steering through the ATen path on CUDA (no Triton)
             with K.using("cpu"), Steering(model, vec, config):
                 return base()
 
@@ -361,7 +396,7 @@ def row_gpu(results, quick):
         results[f"gpu_steered_over_unsteered_b{b}"] = paired_ratio(t, "base", "steered")
         results[f"gpu_steered_over_unsteered_b{b}_aten"] = paired_ratio(t, "base", "steered_aten")
         results[f"gpu_tokens_per_s_b{b}"] = {k: b * new / statistics.median(v) for k, v in t.items()}
-        with Steering(model, vec, config), torch.no_grad():   # both paths: the same logits up to fp32 rounding
+        with Steering(model, vec, config), torch.no_grad():  # both paths: the same logits up to fp32 rounding
             ours = model(ids).logits
         with K.using("cpu"), Steering(model, vec, config), torch.no_grad():
             aten = model(ids).logits
@@ -372,9 +407,12 @@ def row_gpu(results, quick):
 def table(results: dict) -> str:
     lines = [f"{'row':36s} {'value':>12s}  target   met"]
     for key, (op, target) in TARGETS.items():
-        stem = key.rsplit("_b", 1)[0]   # --quick runs the _b64 rows at B=16: show those under the same row
-        matches = [k for k in results if key.endswith("_b64") and k.rsplit("_b", 1)[0] == stem and
-                   k.rsplit("_b", 1)[1] not in ("1", "8")]
+        stem = key.rsplit("_b", 1)[0]  # --quick runs the _b64 rows at B=16: show those under the same row
+        matches = [
+            k
+            for k in results
+            if key.endswith("_b64") and k.rsplit("_b", 1)[0] == stem and k.rsplit("_b", 1)[1] not in ("1", "8")
+        ]
         k = key if key in results else (matches[0] if matches else key)
         v = results.get(k)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -384,8 +422,9 @@ def table(results: dict) -> str:
             lines.append(f"{k:36s} {str(v)[:60]}")
     for k, v in results.items():
         if isinstance(v, dict):
-            lines.append(f"  {k}: " + ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}"
-                                                for a, b in v.items()))
+            lines.append(
+                f"  {k}: " + ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
+            )
     return "\n".join(lines)
 
 
@@ -394,18 +433,26 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="fast smoke run (fewer tokens, reps, B=16)")
     ap.add_argument("--only", default="all", help="comma list: activation,lowrank,switch,peers,gpu")
-    ap.add_argument("--peer-python", default=None, help="interpreter with repeng + steering-vectors "
-                    "(default: .venv-peers/bin/python when it exists)")
+    ap.add_argument(
+        "--peer-python",
+        default=None,
+        help="interpreter with repeng + steering-vectors (default: .venv-peers/bin/python when it exists)",
+    )
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only != "all" else {"activation", "lowrank", "switch", "peers", "gpu"}
-    import steer.kernels as K
     import transformers
 
+    import steer.kernels as K
     from steer.kernels import native
 
-    results: dict = {"torch": torch.__version__, "transformers": transformers.__version__, "kernel": K.IMPL,
-                     "cpu_decode": "native" if native.decode_fn() is not None else "aten (native op not built)",
-                     "threads": torch.get_num_threads(), "quick": args.quick}
+    results: dict = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "kernel": K.IMPL,
+        "cpu_decode": "native" if native.decode_fn() is not None else "aten (native op not built)",
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+    }
     t0 = time.time()
     model = build_model()
     if "activation" in only:
@@ -417,10 +464,12 @@ def main(argv=None):
     if "gpu" in only:
         row_gpu(results, args.quick)
     if "peers" in only:
-        peer_py = args.peer_python or (str(ROOT / ".venv-peers/bin/python")
-                                       if (ROOT / ".venv-peers/bin/python").exists() else None)
+        peer_py = args.peer_python or (
+            str(ROOT / ".venv-peers/bin/python") if (ROOT / ".venv-peers/bin/python").exists() else None
+        )
         try:
             import repeng  # noqa: F401
+
             local = True
         except ImportError:
             local = False
@@ -435,8 +484,9 @@ def main(argv=None):
                 results.update({k: v for k, v in peer.items() if k.startswith(("vs_", "peer_"))})
                 results["peer_transformers"] = peer.get("transformers")
             else:
-                results["vs_repeng"] = results["vs_steering_vectors"] = \
+                results["vs_repeng"] = results["vs_steering_vectors"] = (
                     f"not run: peer interpreter failed: {proc.stderr.strip().splitlines()[-1:]}"
+                )
     results["seconds"] = round(time.time() - t0, 1)
     print(table(results))
     if args.json:

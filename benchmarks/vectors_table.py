@@ -57,18 +57,29 @@ def main() -> None:
         sm = sms[name]
         rows = sm.generate_grid(h_train[:48], grid, vector=vec, layers=[layer], max_new_tokens=10)
         alpha = max(grid, key=lambda a: (sum(L.is_refusal(r["completion"]) for r in rows if r["alpha"] == a), -a))
-        out["refusal"]["rows"].append({"model": name, "op": f"add α={alpha:g} at layer {layer}",
-                                       "before": refusal_rate(sm, h_test),
-                                       "after": refusal_rate(sm, h_test, vector=vec, alphas=alpha, layers=[layer]),
-                                       "harmless_after": refusal_rate(sm, s_test, vector=vec, alphas=alpha,
-                                                                      layers=[layer])})
+        out["refusal"]["rows"].append(
+            {
+                "model": name,
+                "op": f"add α={alpha:g} at layer {layer}",
+                "before": refusal_rate(sm, h_test),
+                "after": refusal_rate(sm, h_test, vector=vec, alphas=alpha, layers=[layer]),
+                "harmless_after": refusal_rate(sm, s_test, vector=vec, alphas=alpha, layers=[layer]),
+            }
+        )
     al = sms["aligned"]
-    out["refusal"]["rows"].append({"model": "aligned", "op": f"ablate layer-{layer} direction at every layer",
-                                   "before": refusal_rate(al, h_test),
-                                   "after": refusal_rate(al, h_test, vector=vec, mode="ablate", scope="all",
-                                                         layers=list(range(al.num_layers)), alphas=1.0),
-                                   "harmless_after": refusal_rate(al, s_test, vector=vec, mode="ablate", scope="all",
-                                                                  layers=list(range(al.num_layers)), alphas=1.0)})
+    out["refusal"]["rows"].append(
+        {
+            "model": "aligned",
+            "op": f"ablate layer-{layer} direction at every layer",
+            "before": refusal_rate(al, h_test),
+            "after": refusal_rate(
+                al, h_test, vector=vec, mode="ablate", scope="all", layers=list(range(al.num_layers)), alphas=1.0
+            ),
+            "harmless_after": refusal_rate(
+                al, s_test, vector=vec, mode="ablate", scope="all", layers=list(range(al.num_layers)), alphas=1.0
+            ),
+        }
+    )
 
     tau = compute_task_vector(al.model, sms["base"].model, progress=False)
     enc = al.encode(al.format(s_test[:64]), True, position_ids=True)
@@ -79,11 +90,15 @@ def main() -> None:
     comp = sms["compromised"]
     harm = compute_task_vector(comp.model, al.model, role="harm", progress=False)
     task_rows = []
-    for label, v, a in (("compromised + 1.0·τ_safety", tau, 1.0), ("compromised − 1.0·τ_harm", harm, -1.0),
-                        ("compromised − 0.5·τ_harm", harm, -0.5)):
+    for label, v, a in (
+        ("compromised + 1.0·τ_safety", tau, 1.0),
+        ("compromised − 1.0·τ_harm", harm, -1.0),
+        ("compromised − 0.5·τ_harm", harm, -0.5),
+    ):
         with apply_task_vector(comp.model, v, a):
-            task_rows.append({"model": label, "harmful": refusal_rate(comp, h_test),
-                              "harmless": refusal_rate(comp, s_test)})
+            task_rows.append(
+                {"model": label, "harmful": refusal_rate(comp, h_test), "harmless": refusal_rate(comp, s_test)}
+            )
     out["task"] = {"base_plus_tau_max_logit_diff": float((want - got).abs().max()), "rows": task_rows}
 
     try:
@@ -91,18 +106,25 @@ def main() -> None:
 
         sae = compute_sae_features(al, layer, h_train, s_train, train=True, reduce="last", steps=800)
         aucs = heldout_auc(al, sae, h_test, s_test)
-        out["sae"] = {"layer": layer, **sae.meta["sae"]["stats"],
-                      "best_heldout_auc": max(max(a, 1 - a) for a in aucs.values())}
+        out["sae"] = {
+            "layer": layer,
+            **sae.meta["sae"]["stats"],
+            "best_heldout_auc": max(max(a, 1 - a) for a in aucs.values()),
+        }
     except ImportError as exc:
         out["sae"] = {"skipped": str(exc)}
 
     r = out["refusal"]
-    print(f"\nRefusal direction (diff-in-means, aligned, 128+128 train prompts): layer {r['layer']}, "
-          f"add scope {r['scope']}, held-out AUC {r['heldout_auc']:.3f}\n")
+    print(
+        f"\nRefusal direction (diff-in-means, aligned, 128+128 train prompts): layer {r['layer']}, "
+        f"add scope {r['scope']}, held-out AUC {r['heldout_auc']:.3f}\n"
+    )
     print("| model | intervention | harmful refusal before | after | harmless refusal after |\n|---|---|---|---|---|")
     for row in r["rows"]:
-        print(f"| {row['model']} | {row['op']} | {100 * row['before']:.1f}% | {100 * row['after']:.1f}% | "
-              f"{100 * row['harmless_after']:.1f}% |")
+        print(
+            f"| {row['model']} | {row['op']} | {100 * row['before']:.1f}% | {100 * row['after']:.1f}% | "
+            f"{100 * row['harmless_after']:.1f}% |"
+        )
     t = out["task"]
     print(f"\nTask vector: base + 1.0·τ vs aligned, max |Δlogit| = {t['base_plus_tau_max_logit_diff']:.2e}\n")
     print("| model | harmful refusal | harmless refusal |\n|---|---|---|")
@@ -112,8 +134,10 @@ def main() -> None:
     if "skipped" in s:
         print(f"\nSAE: skipped ({s['skipped']})")
     else:
-        print(f"\nSAE (TopK, layer {s['layer']}): FVU {s['fvu']:.4f}, L0 {s['l0']:.1f}, dead {s.get('dead')}, "
-              f"best held-out feature AUC {s['best_heldout_auc']:.3f}")
+        print(
+            f"\nSAE (TopK, layer {s['layer']}): FVU {s['fvu']:.4f}, L0 {s['l0']:.1f}, dead {s.get('dead')}, "
+            f"best held-out feature AUC {s['best_heldout_auc']:.3f}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)

@@ -32,14 +32,15 @@ __all__ = ["IMPL", "IMPLS", "Plan", "plan_for", "reference_steer_", "steer_", "u
 
 IMPLS = ("reference", "cpu", "triton")
 IMPL: str = "cpu"
-_host = cpu_steer_     # implementation used for non-CUDA tensors
-_cuda = cpu_steer_     # implementation used for CUDA tensors (triton resolved lazily)
+_host = cpu_steer_  # implementation used for non-CUDA tensors
+_cuda = cpu_steer_  # implementation used for CUDA tensors (triton resolved lazily)
 
 
 def _triton_cuda(h, vecs, coef, n_ablate, mask=None, plan=None):
     """First CUDA call under ``"triton"``: import the kernel, then call it directly."""
     global _cuda
     from .triton_steer import triton_steer_
+
     _cuda = triton_steer_
     return triton_steer_(h, vecs, coef, n_ablate, mask, plan)
 
@@ -48,11 +49,14 @@ def use(name: str) -> str:
     """Select the implementation by name; return the previous name (for tests and benchmarks)."""
     global IMPL, _host, _cuda
     if name not in IMPLS:
-        raise ValueError(f"unknown steering kernel: expected one of {IMPLS}, found {name!r}; "
-                         f"fix: pass one of those names (or set STEER_KERNEL to one).")
+        raise ValueError(
+            f"unknown steering kernel: expected one of {IMPLS}, found {name!r}; "
+            f"fix: pass one of those names (or set STEER_KERNEL to one)."
+        )
     if name == "triton" and importlib.util.find_spec("triton") is None:
-        raise ValueError("steering kernel 'triton' requested but triton is not installed; "
-                         "fix: `pip install triton` or use 'cpu'.")
+        raise ValueError(
+            "steering kernel 'triton' requested but triton is not installed; fix: `pip install triton` or use 'cpu'."
+        )
     previous, IMPL = IMPL, name
     _host = reference_steer_ if name == "reference" else cpu_steer_
     _cuda = {"reference": reference_steer_, "cpu": cpu_steer_, "triton": _triton_cuda}[name]
@@ -69,8 +73,9 @@ def using(name: str):
         use(previous)
 
 
-def steer_(h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate: int,
-           mask: torch.Tensor | None = None, plan=None) -> torch.Tensor:
+def steer_(
+    h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate: int, mask: torch.Tensor | None = None, plan=None
+) -> torch.Tensor:
     """In place on ``h`` [B, T, d] (fp32/fp16/bf16, any strides); returns ``h``.
 
     ``vecs`` [J+K, d] fp32 on h's device: the first ``n_ablate`` (=J) rows are unit ablation

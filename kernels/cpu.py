@@ -41,25 +41,39 @@ class Plan:
     Not for concurrent use from several threads (the coefficient buffer is written per call).
     """
 
-    __slots__ = ("n_ablate", "vecs", "neg_rt", "proj", "C", "C_proj", "beta", "per_row_beta", "bias", "rows", "d",
-                 "R", "native")
+    __slots__ = (
+        "n_ablate",
+        "vecs",
+        "neg_rt",
+        "proj",
+        "C",
+        "C_proj",
+        "beta",
+        "per_row_beta",
+        "bias",
+        "rows",
+        "d",
+        "R",
+        "native",
+    )
 
     @torch.inference_mode(False)  # its buffers are written in place later, possibly outside inference mode
     def __init__(self, vecs: torch.Tensor, n_ablate: int):
         self.n_ablate = n_ablate
-        self.vecs = vecs                                        # [J+K, d]
-        self.R = vecs[:n_ablate]                                # [J, d]
-        self.neg_rt = (-vecs[:n_ablate]).t().contiguous()       # [d, J] = -R^T
-        self.proj = self.neg_rt.clone()                         # -beta R^T (beta shared by all rows) or -R^T
-        self.C: torch.Tensor | None = None                      # [rows, J+K]: [-beta*P (per call) | alpha]
-        self.C_proj: torch.Tensor | None = None                 # C[:, :J], the GEMM's output view
-        self.beta: torch.Tensor | None = None                   # [rows, J]
+        self.vecs = vecs  # [J+K, d]
+        self.R = vecs[:n_ablate]  # [J, d]
+        self.neg_rt = (-vecs[:n_ablate]).t().contiguous()  # [d, J] = -R^T
+        self.proj = self.neg_rt.clone()  # -beta R^T (beta shared by all rows) or -R^T
+        self.C: torch.Tensor | None = None  # [rows, J+K]: [-beta*P (per call) | alpha]
+        self.C_proj: torch.Tensor | None = None  # C[:, :J], the GEMM's output view
+        self.beta: torch.Tensor | None = None  # [rows, J]
         self.per_row_beta = False
-        self.bias: torch.Tensor | None = None                   # [rows, 1, d] = sum_k alpha_k v_k; None if K = 0
-        self.rows, self.d = 0, vecs.shape[1]                    # apply_(one_token=True) takes [rows, 1, d]
+        self.bias: torch.Tensor | None = None  # [rows, 1, d] = sum_k alpha_k v_k; None if K = 0
+        self.rows, self.d = 0, vecs.shape[1]  # apply_(one_token=True) takes [rows, 1, d]
         # the native decode step (kernels/native.py) when built and enabled, else None: read once, here
-        self.native = _native_decode() if n_ablate and vecs.device.type == "cpu" and vecs.dtype == torch.float32 \
-            else None
+        self.native = (
+            _native_decode() if n_ablate and vecs.device.type == "cpu" and vecs.dtype == torch.float32 else None
+        )
 
     @torch.inference_mode(False)
     def update(self, coef: torch.Tensor) -> Plan:
@@ -92,32 +106,32 @@ class Plan:
             if eager is None:
                 eager = not torch.compiler.is_compiling()
             if eager and try_native and self.native is not None and self.native(h, self.R, self.beta, self.bias):
-                return True                                     # one native call (False: not applicable)
+                return True  # one native call (False: not applicable)
             try:
-                x = h.view(self.rows, self.d)                   # raises unless h is [rows, 1, d] and flattens
+                x = h.view(self.rows, self.d)  # raises unless h is [rows, 1, d] and flattens
             except RuntimeError:
                 return False
             if eager:
                 C, P = self.C, self.C_proj
-                torch.mm(x, self.proj, out=P)                   # -beta*P (or -P): projections of the original h
+                torch.mm(x, self.proj, out=P)  # -beta*P (or -P): projections of the original h
             else:  # traced: dynamo refuses out= into a strided view; the same maths without it
                 P = torch.mm(x, self.proj)
-                C = torch.cat([P, self.C[:, self.n_ablate:]], 1)
-                P = C[:, :self.n_ablate]
+                C = torch.cat([P, self.C[:, self.n_ablate :]], 1)
+                P = C[:, : self.n_ablate]
             if self.per_row_beta:
                 P.mul_(self.beta)
-            x.addmm_(C, self.vecs)                              # x - beta*P*r + alpha*v, all directions at once
+            x.addmm_(C, self.vecs)  # x - beta*P*r + alpha*v, all directions at once
             return True
         if h.dim() != 3 or h.shape[0] != self.rows or not h.is_contiguous():
             return False
         B, T, d = h.shape
         x = h.view(B * T, d)
-        P = torch.mm(x, self.proj)                              # [N, J]: -beta*P (or -P), original h
+        P = torch.mm(x, self.proj)  # [N, J]: -beta*P (or -P), original h
         if self.per_row_beta:
             P.view(B, T, self.n_ablate).mul_(self.beta.unsqueeze(1))
-        x.addmm_(P, self.R)                                     # x - beta*P*r
+        x.addmm_(P, self.R)  # x - beta*P*r
         if self.bias is not None:
-            h.add_(self.bias)                                   # + sum_k alpha_k v_k
+            h.add_(self.bias)  # + sum_k alpha_k v_k
         return True
 
 
@@ -138,15 +152,21 @@ def _into(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return new.clone(memory_format=torch.contiguous_format)
 
 
-def cpu_steer_(h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate: int,
-               mask: torch.Tensor | None = None, plan: Plan | None = None) -> torch.Tensor:
+def cpu_steer_(
+    h: torch.Tensor,
+    vecs: torch.Tensor,
+    coef: torch.Tensor,
+    n_ablate: int,
+    mask: torch.Tensor | None = None,
+    plan: Plan | None = None,
+) -> torch.Tensor:
     """In-place steering of ``h`` [B, T, d]; see :func:`steer.kernels.reference_steer_`.
 
     ``plan``: a :class:`Plan` of these ``vecs``/``n_ablate``, updated with this ``coef`` (optional).
     """
     B, T, d = h.shape
     if plan is not None and mask is None and not (h.requires_grad and torch.is_grad_enabled()):
-        if n_ablate == 0:                                               # + sum_k alpha_k v_k, any T and dtype
+        if n_ablate == 0:  # + sum_k alpha_k v_k, any T and dtype
             return h if plan.bias is None else h.add_(plan.bias)
         if h.dtype == torch.float32 and plan.apply_(h, T == 1):
             return h
@@ -155,15 +175,15 @@ def cpu_steer_(h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate
         # promotion) and casts once for half dtypes
         return h.add_(torch.mm(coef, vecs).unsqueeze(1))
     inplace = h.dtype == torch.float32 and h.is_contiguous()
-    x = h.view(B * T, d) if inplace else h.reshape(B * T, d).float()   # fp32, [N, d]
+    x = h.view(B * T, d) if inplace else h.reshape(B * T, d).float()  # fp32, [N, d]
     n_vec = vecs.shape[0]
-    P = F.linear(x, vecs[:n_ablate])                                    # [N, J] on the original h
-    C = torch.constant_pad_nd(P, (0, n_vec - n_ablate), -1.0)           # [N, J+K] = [P | -1]
-    C.view(B, T, n_vec).mul_(coef.unsqueeze(1))                         # [beta*P | -alpha]
+    P = F.linear(x, vecs[:n_ablate])  # [N, J] on the original h
+    C = torch.constant_pad_nd(P, (0, n_vec - n_ablate), -1.0)  # [N, J+K] = [P | -1]
+    C.view(B, T, n_vec).mul_(coef.unsqueeze(1))  # [beta*P | -alpha]
     if mask is not None:
         keep = mask.reshape(B * T, 1)
         C = torch.where(keep if keep.dtype == torch.bool else keep != 0, C, 0.0)  # masked tokens: 0
-    x.addmm_(C, vecs, alpha=-1.0)                                       # x - beta*P*r + alpha*v
+    x.addmm_(C, vecs, alpha=-1.0)  # x - beta*P*r + alpha*v
     if not inplace:
         h.copy_(x.view(B, T, d))
     return h

@@ -36,9 +36,9 @@ import torch
 
 SOURCE = Path(__file__).with_name("native.cpp")
 _CFLAGS = ["-O3", "-fopenmp-simd"]
-_STALE_LOCK_S = 600                # a build lock older than this was left by a killed build (a build: ~25 s)
-_override: bool | None = None      # use(): True = required (built on demand), False = off, None = automatic
-_loaded: dict[str, object] = {}    # key -> module (None: the library there failed to import; warned once)
+_STALE_LOCK_S = 600  # a build lock older than this was left by a killed build (a build: ~25 s)
+_override: bool | None = None  # use(): True = required (built on demand), False = off, None = automatic
+_loaded: dict[str, object] = {}  # key -> module (None: the library there failed to import; warned once)
 _build_error: NativeBuildError | None = None  # the first failed build of this process (not retried)
 
 
@@ -53,8 +53,15 @@ def _key() -> str | None:
         h = hashlib.sha256(SOURCE.read_bytes())
     except OSError:
         return None
-    parts = (torch.__version__, str(torch.version.git_version), str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.version,
-             platform.machine(), platform.system(), " ".join(_CFLAGS))
+    parts = (
+        torch.__version__,
+        str(torch.version.git_version),
+        str(torch._C._GLIBCXX_USE_CXX11_ABI),
+        sys.version,
+        platform.machine(),
+        platform.system(),
+        " ".join(_CFLAGS),
+    )
     for part in parts:
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -99,15 +106,19 @@ def load():
     if key not in _loaded:
         directory = build_dir()
         path = _library(directory, _name())
-        if path is None or (directory / "lock").exists():   # not built, or torch's build still holds its lock
+        if path is None or (directory / "lock").exists():  # not built, or torch's build still holds its lock
             return None
         try:
             _loaded[key] = _import(path, _name())
         except Exception as e:  # corrupt, truncated or built against another torch: keep the ATen path
             _loaded[key] = None  # remembered first: a warning turned into an error must not retry every attach
-            warnings.warn(f"steer's native CPU op at {path} does not load ({type(e).__name__}: {e}); steering "
-                          "uses the ATen path. Fix: `python -m steer.kernels.native` rebuilds it (in a new "
-                          "process).", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"steer's native CPU op at {path} does not load ({type(e).__name__}: {e}); steering "
+                "uses the ATen path. Fix: `python -m steer.kernels.native` rebuilds it (in a new "
+                "process).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return _loaded[key]
 
 
@@ -133,38 +144,51 @@ def _build(verbose: bool):
         return module
     if _key() is None:
         raise NativeBuildError(f"{SOURCE} is missing; fix: reinstall steer-runtime (the wheel ships it).")
-    from torch.utils.cpp_extension import load as cpp_load, verify_ninja_availability
+    from torch.utils.cpp_extension import load as cpp_load
+    from torch.utils.cpp_extension import verify_ninja_availability
 
     with _ninja_on_path():
         try:
             verify_ninja_availability()
         except RuntimeError as e:
-            raise NativeBuildError("building steer's native CPU op needs ninja, which was not found; "
-                                   "fix: `pip install ninja` (the ATen path works without it).") from e
+            raise NativeBuildError(
+                "building steer's native CPU op needs ninja, which was not found; "
+                "fix: `pip install ninja` (the ATen path works without it)."
+            ) from e
         directory = build_dir()
         try:
             directory.mkdir(parents=True, exist_ok=True)
             _check_lock(directory / "lock")
             stale = _library(directory, _name())
-            if stale is not None and _loaded.get(_key(), 0) is None:   # built before, does not import: rebuild
+            if stale is not None and _loaded.get(_key(), 0) is None:  # built before, does not import: rebuild
                 stale.unlink()
                 _loaded.pop(_key(), None)
         except OSError as e:
-            raise NativeBuildError(f"cannot prepare the build folder {directory} ({e}); fix: make it writable or "
-                                   "set STEER_CACHE_DIR to a writable folder.") from e
+            raise NativeBuildError(
+                f"cannot prepare the build folder {directory} ({e}); fix: make it writable or "
+                "set STEER_CACHE_DIR to a writable folder."
+            ) from e
         try:
-            cpp_load(name=_name(), sources=[str(SOURCE)], extra_cflags=_CFLAGS, build_directory=str(directory),
-                     verbose=verbose)
+            cpp_load(
+                name=_name(),
+                sources=[str(SOURCE)],
+                extra_cflags=_CFLAGS,
+                build_directory=str(directory),
+                verbose=verbose,
+            )
         except Exception as e:  # compiler or headers missing, or a compile error: say so, keep the ATen path
-            raise NativeBuildError(f"compiling {SOURCE.name} failed ({type(e).__name__}: {str(e)[-500:]}); fix: "
-                                   "install a C++ compiler (g++ or clang++) and Python's development headers, "
-                                   "and see `python -m steer.kernels.native -v` for the compiler's output; "
-                                   "without it steering stays on the ATen path.") from e
+            raise NativeBuildError(
+                f"compiling {SOURCE.name} failed ({type(e).__name__}: {str(e)[-500:]}); fix: "
+                "install a C++ compiler (g++ or clang++) and Python's development headers, "
+                "and see `python -m steer.kernels.native -v` for the compiler's output; "
+                "without it steering stays on the ATen path."
+            ) from e
     _loaded.pop(_key(), None)
     module = load()
     if module is None:
-        raise NativeBuildError(f"the build finished but {_name()} does not load from {directory}; "
-                               "fix: delete that folder and build again.")
+        raise NativeBuildError(
+            f"the build finished but {_name()} does not load from {directory}; fix: delete that folder and build again."
+        )
     return module
 
 
@@ -178,8 +202,10 @@ def _check_lock(lock: Path) -> None:
     if age > _STALE_LOCK_S:
         lock.unlink(missing_ok=True)
         return
-    raise NativeBuildError(f"another build of steer's native op holds {lock} (for {age:.0f} s); fix: wait for it "
-                           "to finish, or delete that file if no build is running.")
+    raise NativeBuildError(
+        f"another build of steer's native op holds {lock} (for {age:.0f} s); fix: wait for it "
+        "to finish, or delete that file if no build is running."
+    )
 
 
 @contextlib.contextmanager

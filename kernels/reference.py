@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 
 
-def reference_steer_(h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate: int,
-                     mask: torch.Tensor | None = None, plan=None) -> torch.Tensor:
+def reference_steer_(
+    h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_ablate: int, mask: torch.Tensor | None = None, plan=None
+) -> torch.Tensor:
     """Apply the steering op to ``h`` ([B, T, d]) in place and return it.
 
     ``vecs`` [J+K, d] fp32: the first ``n_ablate`` (=J) rows are unit ablation directions, the
@@ -34,8 +35,8 @@ def reference_steer_(h: torch.Tensor, vecs: torch.Tensor, coef: torch.Tensor, n_
     out = x
     for j in range(n_ablate):
         r = vecs[j]
-        beta = coef[:, j, None, None]        # [B|1, 1, 1]
-        proj = (x @ r)[..., None]            # [B, T, 1], projection of the ORIGINAL h
+        beta = coef[:, j, None, None]  # [B|1, 1, 1]
+        proj = (x @ r)[..., None]  # [B, T, 1], projection of the ORIGINAL h
         out = out - beta * proj * r
     for k in range(n_add):
         v = vecs[n_ablate + k]

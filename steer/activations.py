@@ -26,17 +26,27 @@ def post_instruction_length(tokenizer, *, chat: bool = True) -> int:
     """Number of tokens the chat template puts after the user's text (at least 1)."""
     if not (chat and getattr(tokenizer, "chat_template", None)):
         return 1
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
+    )
     tail = text.split(_SENTINEL, 1)[-1]
     n = len(tokenizer(tail, add_special_tokens=False)["input_ids"])
     return max(1, n)
 
 
 @torch.no_grad()
-def collect(sm, prompts: list[str], *, layers: list[int] | None = None, positions="last", chat: bool = True,
-            prefill: str | None = None, site: str = "output", batch_size: int = 32,
-            progress: bool | str = False) -> torch.Tensor:
+def collect(
+    sm,
+    prompts: list[str],
+    *,
+    layers: list[int] | None = None,
+    positions="last",
+    chat: bool = True,
+    prefill: str | None = None,
+    site: str = "output",
+    batch_size: int = 32,
+    progress: bool | str = False,
+) -> torch.Tensor:
     """Activations of ``prompts`` on the wrapped model ``sm`` (a :class:`steer.SteeredModel`).
 
     Returns float32 CPU ``[N, len(layers), d]`` (or ``[N, len(layers), k, d]`` for per-position sets).
@@ -52,8 +62,12 @@ def collect(sm, prompts: list[str], *, layers: list[int] | None = None, position
     elif positions in ("last", "mean"):
         k = 0
     else:
-        raise ConfigError("unknown positions", expected="'last', 'mean', 'post_instruction' or an int > 0",
-                          found=repr(positions), fix="use positions='last'")
+        raise ConfigError(
+            "unknown positions",
+            expected="'last', 'mean', 'post_instruction' or an int > 0",
+            found=repr(positions),
+            fix="use positions='last'",
+        )
     texts = sm.format(list(prompts), chat=chat, prefill=prefill)
     chat_applied = chat and bool(getattr(sm.tokenizer, "chat_template", None))
     captured: dict[int, torch.Tensor] = {}
@@ -70,10 +84,10 @@ def collect(sm, prompts: list[str], *, layers: list[int] | None = None, position
 
     def make_hook(i):
         if site == "output":
-            return lambda mod, args, out: captured.__setitem__(i, reduce(out if isinstance(out, torch.Tensor)
-                                                                          else out[0]))
-        return lambda mod, args, kwargs: captured.__setitem__(
-            i, reduce(args[0] if args else kwargs["hidden_states"]))
+            return lambda mod, args, out: captured.__setitem__(
+                i, reduce(out if isinstance(out, torch.Tensor) else out[0])
+            )
+        return lambda mod, args, kwargs: captured.__setitem__(i, reduce(args[0] if args else kwargs["hidden_states"]))
 
     handles = []
     try:
@@ -86,7 +100,7 @@ def collect(sm, prompts: list[str], *, layers: list[int] | None = None, position
         chunks = []
         bar = _bar(progress, len(texts))
         for start in range(0, len(texts), batch_size):
-            enc = sm.encode(texts[start:start + batch_size], chat_applied, position_ids=True)
+            enc = sm.encode(texts[start : start + batch_size], chat_applied, position_ids=True)
             state["mask"] = enc["attention_mask"]
             sm.model(**enc, use_cache=False)
             chunks.append(torch.stack([captured[i] for i in layers], dim=1))

@@ -37,8 +37,10 @@ from .vector import SteeringVector
 
 # model_type -> (per-block writer modules: attention output first, then MLP output; extra embeddings)
 WRITERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    **{t: (("self_attn.o_proj", "mlp.down_proj"), ()) for t in
-       ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "granite", "smollm3")},
+    **{
+        t: (("self_attn.o_proj", "mlp.down_proj"), ())
+        for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "granite", "smollm3")
+    },
     "gpt2": (("attn.c_proj", "mlp.c_proj"), ("transformer.wpe",)),
     "gpt_neox": (("attention.dense", "mlp.dense_4h_to_h"), ()),
     "falcon": (("self_attention.dense", "mlp.dense_4h_to_h"), ()),
@@ -56,8 +58,12 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
-            raise ModelMismatchError(f"module {path} not found", expected=f"{path} on {type(root).__name__}",
-                                     found="no such attribute", fix="extend steer.bake.WRITERS for this model")
+            raise ModelMismatchError(
+                f"module {path} not found",
+                expected=f"{path} on {type(root).__name__}",
+                found="no such attribute",
+                fix="extend steer.bake.WRITERS for this model",
+            )
     return obj
 
 
@@ -70,11 +76,16 @@ def writer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             expected="one of " + ", ".join(sorted(WRITERS)),
             found=UNSUPPORTED.get(mtype, "an architecture without an entry in steer.bake.WRITERS"),
             fix="use runtime steering (steer generate --vector …), or add the block's output projections "
-                "to steer.bake.WRITERS")
+            "to steer.bake.WRITERS",
+        )
     per_block, extra = WRITERS[mtype]
     if getattr(text_config(model), "word_embed_proj_dim", None) not in (None, hidden_size(model)):
-        raise ModelMismatchError("embeddings are projected into the residual stream", expected="no project_in",
-                                 found="word_embed_proj_dim != hidden_size", fix="use runtime steering")
+        raise ModelMismatchError(
+            "embeddings are projected into the residual stream",
+            expected="no project_in",
+            found="word_embed_proj_dim != hidden_size",
+            fix="use runtime steering",
+        )
     out = [("input_embeddings", model.get_input_embeddings())] + [(p, _get(model, p)) for p in extra]
     for i, block in enumerate(get_layers(model)):
         out += [(f"layers.{i}.{p}", _get(block, p)) for p in per_block]
@@ -88,10 +99,12 @@ def _basis(vector: SteeringVector, source_layer: int | None, d: int) -> torch.Te
     if key is None and len(dirs) > 1:
         first = next(iter(dirs.values()))
         if any(not torch.equal(v, first) for v in dirs.values()):
-            raise ConfigError("baking an ablation needs one direction for the whole model",
-                              expected="a vector with one direction, or a source layer",
-                              found=f"different directions at layers {list(dirs)}",
-                              fix="pass --source-layer N (the layer whose direction to remove everywhere)")
+            raise ConfigError(
+                "baking an ablation needs one direction for the whole model",
+                expected="a vector with one direction, or a source layer",
+                found=f"different directions at layers {list(dirs)}",
+                fix="pass --source-layer N (the layer whose direction to remove everywhere)",
+            )
         key = next(iter(dirs))
     d_vec = dirs[key] if key is not None else next(iter(dirs.values()))
     d_vec = d_vec.reshape(-1, d).double()
@@ -126,16 +139,21 @@ def orthogonalize(model: nn.Module, vector: SteeringVector, source_layer: int | 
         elif isinstance(mod, nn.Linear):
             mod.weight.copy_(proj_rows(mod.weight.T).T)
         else:
-            raise ModelMismatchError(f"{name} is a {type(mod).__name__}", expected="Linear, Conv1D or Embedding",
-                                     found=type(mod).__name__, fix="extend steer.bake for this module type")
+            raise ModelMismatchError(
+                f"{name} is a {type(mod).__name__}",
+                expected="Linear, Conv1D or Embedding",
+                found=type(mod).__name__,
+                fix="extend steer.bake for this module type",
+            )
         bias = getattr(mod, "bias", None)
         if isinstance(bias, torch.Tensor):
             bias.copy_(proj_rows(bias[None])[0])
     return [n for n, _ in writers]
 
 
-def bake(sm, vector: SteeringVector, *, alpha: float | None = None, mode: str | None = None,
-         source_layer: int | None = None) -> dict:
+def bake(
+    sm, vector: SteeringVector, *, alpha: float | None = None, mode: str | None = None, source_layer: int | None = None
+) -> dict:
     """Bake ``vector`` into ``sm.model`` in place (see module docstring); return a summary dict."""
     if vector.kind == "task":
         a = alpha if alpha is not None else vector.recommended.get("alpha", 1.0)
@@ -145,12 +163,19 @@ def bake(sm, vector: SteeringVector, *, alpha: float | None = None, mode: str | 
         return {"kind": "task", "alpha": handle.alpha, "tensors": names}
     op = mode or vector.recommended.get("mode") or vector.meta.get("op")
     if op != "ablate":
-        raise ConfigError("only direction ablation and task vectors can be baked into weights",
-                          expected="a task vector, or --mode ablate", found=f"op {op!r}",
-                          fix="pass --mode ablate, or steer at run time with `steer generate --vector`")
+        raise ConfigError(
+            "only direction ablation and task vectors can be baked into weights",
+            expected="a task vector, or --mode ablate",
+            found=f"op {op!r}",
+            fix="pass --mode ablate, or steer at run time with `steer generate --vector`",
+        )
     if alpha not in (None, 1.0):
-        raise ConfigError("a baked ablation removes the direction completely", expected="alpha 1.0",
-                          found=str(alpha), fix="drop --alpha (partial ablation compounds across layers at run time)")
+        raise ConfigError(
+            "a baked ablation removes the direction completely",
+            expected="alpha 1.0",
+            found=str(alpha),
+            fix="drop --alpha (partial ablation compounds across layers at run time)",
+        )
     return {"kind": "ablate", "modules": orthogonalize(sm.model, vector, source_layer)}
 
 
@@ -169,9 +194,10 @@ def save_baked(sm, out_dir: str | Path, summary: dict) -> Path:
 def runtime_ablation(sm, vector: SteeringVector, source_layer: int | None = None):
     """The run-time equivalent of :func:`orthogonalize`: ablate at block 0's input, after every
     attention output projection (the mid-block residual) and at every block output."""
-    from .hooks import Steering
-    from .config import SteeringConfig
     from steer.kernels import steer_
+
+    from .config import SteeringConfig
+    from .hooks import Steering
 
     q = _basis(vector, source_layer, hidden_size(sm.model)).float()
     one = SteeringVector({0: q}, {"op": "ablate"})
@@ -184,10 +210,12 @@ def runtime_ablation(sm, vector: SteeringVector, source_layer: int | None = None
         steer_(h.unsqueeze(0) if h.dim() == 2 else h, q.to(h.device), coef.to(h.device), q.shape[0])
 
     try:
-        handles.append(Steering(sm.model, one, SteeringConfig(mode="ablate", site="input", layers=[0],
-                                                              alpha=1.0, source_layer=0)))
-        handles.append(Steering(sm.model, one, SteeringConfig(mode="ablate", layers=list(range(n)),
-                                                              alpha=1.0, source_layer=0)))
+        handles.append(
+            Steering(sm.model, one, SteeringConfig(mode="ablate", site="input", layers=[0], alpha=1.0, source_layer=0))
+        )
+        handles.append(
+            Steering(sm.model, one, SteeringConfig(mode="ablate", layers=list(range(n)), alpha=1.0, source_layer=0))
+        )
         attn = WRITERS[getattr(text_config(sm.model), "model_type", None)][0][0]
         for name, mod in writer_modules(sm.model):
             if name.startswith("layers.") and name.endswith("." + attn):

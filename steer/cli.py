@@ -16,8 +16,12 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Inference-time safety steering for Hugging Face language models.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Inference-time safety steering for Hugging Face language models.",
+)
 
 
 def user_errors(fn):
@@ -89,12 +93,22 @@ def generate(
     if vec is not None and one_alpha is None and alpha_list is None:
         one_alpha = vec.recommended.get("alpha", 1.0)
     grid_alphas = alpha_list if alpha_list is not None else [one_alpha]
-    kw = dict(vector=vec, layers=layer_list, mode=mode, scope=scope, max_new_tokens=max_new_tokens,
-              chat=not no_chat, prefill=prefill, do_sample=sample, temperature=temperature, top_p=top_p,
-              seed=seed, batch_size=batch_size)
+    kw = dict(
+        vector=vec,
+        layers=layer_list,
+        mode=mode,
+        scope=scope,
+        max_new_tokens=max_new_tokens,
+        chat=not no_chat,
+        prefill=prefill,
+        do_sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+    )
     if vec is None:
-        rows = [{"prompt": p, "alpha": None, "completion": c}
-                for p, c in zip(texts, sm.generate(texts, **kw))]
+        rows = [{"prompt": p, "alpha": None, "completion": c} for p, c in zip(texts, sm.generate(texts, **kw))]
     else:
         rows = sm.generate_grid(texts, grid_alphas, **kw)
     if as_json:
@@ -143,12 +157,19 @@ def _layer_sets(text: Optional[str], num_layers: int):
         return None
     if text.strip() == "all":
         return [[i] for i in range(num_layers)]
-    return [parse_layers(group.replace("+", ","), num_layers) for group in text.split(",") if group.strip()] \
-        if "+" in text else [[i] for i in parse_layers(text, num_layers)]
+    return (
+        [parse_layers(group.replace("+", ","), num_layers) for group in text.split(",") if group.strip()]
+        if "+" in text
+        else [[i] for i in parse_layers(text, num_layers)]
+    )
 
 
-JUDGE_OPTION = typer.Option(None, "--judge", help="Refusal judge: pair (learned from the aligned model; the default "
-                            "when the vector carries it) | markers | markers:a,b | module:function | model:PATH.")
+JUDGE_OPTION = typer.Option(
+    None,
+    "--judge",
+    help="Refusal judge: pair (learned from the aligned model; the default "
+    "when the vector carries it) | markers | markers:a,b | module:function | model:PATH.",
+)
 
 
 def print_eval(report: dict, title: str = "") -> None:
@@ -168,8 +189,11 @@ def print_eval(report: dict, title: str = "") -> None:
     judge = report.get("judge") or {}
     if judge:  # say what counted as a refusal (a learned opening can be checked by eye)
         what = judge.get("openings") or judge.get("markers")
-        table.caption = f"judge: {judge.get('name')}" + (f" {what}" if what else "") + \
-            "; a degenerate completion is never a refusal"
+        table.caption = (
+            f"judge: {judge.get('name')}"
+            + (f" {what}" if what else "")
+            + "; a degenerate completion is never a refusal"
+        )
     Console().print(table)
 
 
@@ -214,18 +238,34 @@ def eval_cmd(
     if refusal_marker:  # default (judge None): the vector's pair judge if it carries one, else markers
         if judge is not None:
             _fail("--judge and --refusal-marker both given", "one of them", "both", "drop one")
-        judge = RefusalJudge(replace=tuple(refusal_marker)) if replace_markers else \
-            RefusalJudge(extra=tuple(refusal_marker))
+        judge = (
+            RefusalJudge(replace=tuple(refusal_marker))
+            if replace_markers
+            else RefusalJudge(extra=tuple(refusal_marker))
+        )
 
     from steer import SteeredModel, SteeringVector
     from steer.evaluate import evaluate, report_to_json
 
     vec = SteeringVector.load(vector) if vector is not None else None
     sm = SteeredModel.from_pretrained(model, device=device)
-    report = evaluate(sm, vector=vec, alphas=alpha_list, layer_sets=_layer_sets(layers, sm.num_layers), mode=mode,
-                      scope=scope, suite="files" if files else "builtin", harmful=hp, harmless=sp,
-                      jailbreaks=jailbreaks, prefill=prefill, judge=judge, max_new_tokens=max_new_tokens,
-                      chat=not no_chat, progress=not as_json)
+    report = evaluate(
+        sm,
+        vector=vec,
+        alphas=alpha_list,
+        layer_sets=_layer_sets(layers, sm.num_layers),
+        mode=mode,
+        scope=scope,
+        suite="files" if files else "builtin",
+        harmful=hp,
+        harmless=sp,
+        jailbreaks=jailbreaks,
+        prefill=prefill,
+        judge=judge,
+        max_new_tokens=max_new_tokens,
+        chat=not no_chat,
+        progress=not as_json,
+    )
     report["model"] = model
     report["vector"] = str(vector) if vector else None
     if plot is not None:
@@ -279,16 +319,31 @@ def tune(
     alpha_list = parse_alphas(alphas) if alphas else None
 
     from steer import SteeredModel, SteeringVector
-    from steer.vectors.tune import TuneBounds, plot_front, tune as run_tune
+    from steer.vectors.tune import TuneBounds, plot_front
+    from steer.vectors.tune import tune as run_tune
 
-    bounds = TuneBounds(max_over_refusal=max_over_refusal, max_kl=max_kl, max_degenerate=max_degenerate,
-                        objective=objective)
+    bounds = TuneBounds(
+        max_over_refusal=max_over_refusal, max_kl=max_kl, max_degenerate=max_degenerate, objective=objective
+    )
     vec = SteeringVector.load(vector)
     sm = SteeredModel.from_pretrained(model)
-    tuned, summary = run_tune(sm, vec, hp, sp, layers=_layer_sets(layers, sm.num_layers), alphas=alpha_list,
-                              modes=tuple(mode), auto=auto, bounds=bounds, eval_harmful=ehp, eval_harmless=esp,
-                              max_new_tokens=max_new_tokens, judge=judge, scopes=tuple(scope) or None,
-                              progress=not as_json)
+    tuned, summary = run_tune(
+        sm,
+        vec,
+        hp,
+        sp,
+        layers=_layer_sets(layers, sm.num_layers),
+        alphas=alpha_list,
+        modes=tuple(mode),
+        auto=auto,
+        bounds=bounds,
+        eval_harmful=ehp,
+        eval_harmless=esp,
+        max_new_tokens=max_new_tokens,
+        judge=judge,
+        scopes=tuple(scope) or None,
+        progress=not as_json,
+    )
     tuned.save(out)
     if plot is not None:
         plot_front(summary, plot)
@@ -299,26 +354,41 @@ def tune(
     from rich.table import Table
 
     table = Table(title="Pareto front (tuning prompts)")
-    for col in ("mode", "layers", "scope", "α", "harmful refusal", "harmless refusal", "degenerate", "KL",
-                "feasible"):
+    for col in ("mode", "layers", "scope", "α", "harmful refusal", "harmless refusal", "degenerate", "KL", "feasible"):
         table.add_column(col, justify="right")
     for p in summary["front"]:
-        ok = p["harmless_refusal"] <= bounds.max_over_refusal and p["kl"] <= bounds.max_kl and \
-            p["degenerate"] <= bounds.max_degenerate
-        table.add_row(p["mode"], ",".join(map(str, p["layers"] or [])), p.get("scope") or "-", f"{p['alpha']:g}",
-                      f"{100 * p['harmful_refusal']:.1f}%", f"{100 * p['harmless_refusal']:.1f}%",
-                      f"{100 * p['degenerate']:.1f}%", f"{p['kl']:.3f}", "yes" if ok else "no")
+        ok = (
+            p["harmless_refusal"] <= bounds.max_over_refusal
+            and p["kl"] <= bounds.max_kl
+            and p["degenerate"] <= bounds.max_degenerate
+        )
+        table.add_row(
+            p["mode"],
+            ",".join(map(str, p["layers"] or [])),
+            p.get("scope") or "-",
+            f"{p['alpha']:g}",
+            f"{100 * p['harmful_refusal']:.1f}%",
+            f"{100 * p['harmless_refusal']:.1f}%",
+            f"{100 * p['degenerate']:.1f}%",
+            f"{p['kl']:.3f}",
+            "yes" if ok else "no",
+        )
     console = Console()
     console.print(table)
     b = summary["best"]
-    console.print(f"chosen: mode={b['mode']} layers={b['layers']} scope={b.get('scope')} α={b['alpha']:g} "
-                  f"(harmful refusal {100 * b['harmful_refusal']:.1f}%, harmless {100 * b['harmless_refusal']:.1f}%, "
-                  f"degenerate {100 * b['degenerate']:.1f}%, KL {b['kl']:.3f}){'' if summary['feasible'] else '  [no configuration met the bounds]'}")
+    console.print(
+        f"chosen: mode={b['mode']} layers={b['layers']} scope={b.get('scope')} α={b['alpha']:g} "
+        f"(harmful refusal {100 * b['harmful_refusal']:.1f}%, harmless {100 * b['harmless_refusal']:.1f}%, "
+        f"degenerate {100 * b['degenerate']:.1f}%, KL {b['kl']:.3f})"
+        f"{'' if summary['feasible'] else '  [no configuration met the bounds]'}"
+    )
     if "heldout" in summary:
         h = summary["heldout"]
-        console.print(f"held-out: harmful refusal {100 * h['harmful_refusal']['rate']:.1f}%, "
-                      f"harmless refusal {100 * h['harmless_refusal']['rate']:.1f}%, "
-                      f"degenerate {100 * h['degenerate']['rate']:.1f}%, KL {h['kl']['mean']:.3f}")
+        console.print(
+            f"held-out: harmful refusal {100 * h['harmful_refusal']['rate']:.1f}%, "
+            f"harmless refusal {100 * h['harmless_refusal']['rate']:.1f}%, "
+            f"degenerate {100 * h['degenerate']['rate']:.1f}%, KL {h['kl']['mean']:.3f}"
+        )
     console.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
 
 
@@ -346,16 +416,21 @@ def bake(
     source_layer: Optional[int] = typer.Option(None, "--source-layer", help="Whose direction to ablate everywhere."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the folder."),
 ):
-    """Bake steering into the weights: merge a task vector, or orthogonalise a direction out of every residual writer."""
+    """Bake steering into the weights: merge a task vector, or orthogonalise a direction out of every residual
+    writer."""
     from steer import SteeredModel, SteeringVector
-    from steer.bake import bake as bake_into, save_baked
+    from steer.bake import bake as bake_into
+    from steer.bake import save_baked
 
     vec = SteeringVector.load(vector)
     sm = SteeredModel.from_pretrained(model, dtype="auto", trust_remote_code=trust_remote_code)
     summary = bake_into(sm, vec, alpha=alpha, mode=mode, source_layer=source_layer)
     save_baked(sm, out, summary)
-    what = (f"task vector x {summary['alpha']} merged into {len(summary['tensors'])} tensors"
-            if summary["kind"] == "task" else f"direction ablated from {len(summary['modules'])} residual writers")
+    what = (
+        f"task vector x {summary['alpha']} merged into {len(summary['tensors'])} tensors"
+        if summary["kind"] == "task"
+        else f"direction ablated from {len(summary['modules'])} residual writers"
+    )
     typer.echo(f"wrote {out}: {what}")
 
 
@@ -365,10 +440,13 @@ app.add_typer(family_app, name="family")
 
 @family_app.command("build")
 @user_errors
-def family_build(force: bool = typer.Option(False, "--force", help="Retrain even if cached."),
-                 variant: str = typer.Option("default", "--variant", help="A family variant (steer.family.VARIANTS).")):
+def family_build(
+    force: bool = typer.Option(False, "--force", help="Retrain even if cached."),
+    variant: str = typer.Option("default", "--variant", help="A family variant (steer.family.VARIANTS)."),
+):
     """Train (or find cached) the built-in family: base, aligned, aligned-dpo, compromised."""
-    from steer.family import build_family, variant as get_variant
+    from steer.family import build_family
+    from steer.family import variant as get_variant
 
     paths = build_family(force=force, progress=True, recipe=get_variant(variant))
     for name, path in paths.items():  # a variant is used by its directories: builtin:NAME is the default family
@@ -392,13 +470,18 @@ def vectors_refusal(
     layers: Optional[str] = typer.Option(None, "--layers", help="Layers to compute (default all), e.g. 2-10."),
     select: bool = typer.Option(True, "--select/--no-select", help="Measure candidate layers on the model."),
     add_scope: str = typer.Option("auto", "--add-scope", help="Token scope of the addition: auto | all | prompt."),
-    calibrate_on: Optional[str] = typer.Option(None, "--calibrate-on",
-                                               help="Re-fit the condition's layer/threshold on this model."),
+    calibrate_on: Optional[str] = typer.Option(
+        None, "--calibrate-on", help="Re-fit the condition's layer/threshold on this model."
+    ),
     n_eval: int = typer.Option(32, "--n-eval", min=1, help="Prompts per set used to measure candidates."),
     kl_bound: float = typer.Option(0.1, "--kl-bound", help="Max KL of ablation on harmless prompts."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", min=1, help="Tokens generated for the judge."),
-    marker: List[str] = typer.Option([], "--marker", help="Judge by these refusal markers (repeatable; added "
-                                     "to the defaults) instead of the judge learned from the model."),
+    marker: List[str] = typer.Option(
+        [],
+        "--marker",
+        help="Judge by these refusal markers (repeatable; added "
+        "to the defaults) instead of the judge learned from the model.",
+    ),
     judge: Optional[str] = JUDGE_OPTION,
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
@@ -425,11 +508,23 @@ def vectors_refusal(
     target = None
     if calibrate_on:
         target = SteeredModel.from_pretrained(calibrate_on, device=device, trust_remote_code=trust_remote_code)
-    vec = compute_refusal(sm, harmful_prompts, harmless_prompts, positions=positions,
-                          layers=parse_layers(layers, sm.num_layers) if layers else None, select=select,
-                          calibrate_on=target, judge=judge, n_eval=n_eval, kl_bound=kl_bound,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True, model_name=model,
-                          add_scope=add_scope)
+    vec = compute_refusal(
+        sm,
+        harmful_prompts,
+        harmless_prompts,
+        positions=positions,
+        layers=parse_layers(layers, sm.num_layers) if layers else None,
+        select=select,
+        calibrate_on=target,
+        judge=judge,
+        n_eval=n_eval,
+        kl_bound=kl_bound,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=True,
+        model_name=model,
+        add_scope=add_scope,
+    )
     if target is not None:
         vec.meta["condition"]["calibrated_on"] = calibrate_on
     vec.save(out)
@@ -437,9 +532,11 @@ def vectors_refusal(
     console.print(selection_table(vec))
     cond = vec.condition
     if cond:
-        console.print(f"condition: layer {cond['layer']}, threshold {cond['threshold']:.4g}, "
-                      f"accuracy {cond['accuracy']:.3f}, AUC {cond['auc']:.3f}"
-                      + (f" (calibrated on {cond['calibrated_on']})" if cond.get("calibrated_on") else ""))
+        console.print(
+            f"condition: layer {cond['layer']}, threshold {cond['threshold']:.4g}, "
+            f"accuracy {cond['accuracy']:.3f}, AUC {cond['auc']:.3f}"
+            + (f" (calibrated on {cond['calibrated_on']})" if cond.get("calibrated_on") else "")
+        )
     console.print(f"wrote {out}")
 
 
@@ -450,8 +547,9 @@ def export_gguf_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output llama.cpp control vector (.gguf)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Layers to write (default: recommended)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Scale baked in (default: recommended α)."),
-    direction_index: Optional[int] = typer.Option(None, "--direction-index",
-                                                  help="Which direction of a multi-direction layer."),
+    direction_index: Optional[int] = typer.Option(
+        None, "--direction-index", help="Which direction of a multi-direction layer."
+    ),
     as_add: bool = typer.Option(False, "--as-add", help="Export a non-add vector as a plain addition."),
 ):
     """Write a llama.cpp control vector (direction.N = output of block N, as in steer)."""
@@ -460,8 +558,12 @@ def export_gguf_cmd(
     from steer.vectors.export import export_gguf, gguf_directions
 
     vec = SteeringVector.load(vector)
-    kw = dict(layers=parse_layers(layers, (vec.meta.get("model") or {}).get("num_layers")) if layers else None,
-              alpha=alpha, direction_index=direction_index, allow_non_add=as_add)
+    kw = dict(
+        layers=parse_layers(layers, (vec.meta.get("model") or {}).get("num_layers")) if layers else None,
+        alpha=alpha,
+        direction_index=direction_index,
+        allow_non_add=as_add,
+    )
     written = gguf_directions(vec, **kw)
     export_gguf(vec, out, **kw)
     typer.echo(f"wrote {out}: direction.{{{','.join(map(str, written))}}} (llama.cpp: --control-vector {out})")
@@ -489,15 +591,25 @@ def vectors_task(
 
     a = SteeredModel.from_pretrained(aligned, device=device, trust_remote_code=trust_remote_code)
     b = SteeredModel.from_pretrained(base, device=device, trust_remote_code=trust_remote_code)
-    vec = compute_task_vector(a.model, b.model, include=include, exclude=exclude, top_k=top_k, rank=rank,
-                              role="harm" if harm else "safety", progress=True)
+    vec = compute_task_vector(
+        a.model,
+        b.model,
+        include=include,
+        exclude=exclude,
+        top_k=top_k,
+        rank=rank,
+        role="harm" if harm else "safety",
+        progress=True,
+    )
     vec.meta["provenance"].update(aligned=aligned, base=base)
     vec.save(out)
     console = Console()
     console.print(energy_table(vec))
     t = vec.meta["task"]
-    console.print(f"{len(t['params'])} tensors changed ({len(t['unchanged'])} unchanged skipped); "
-                  f"recommended alpha {vec.recommended['alpha']}; wrote {out}")
+    console.print(
+        f"{len(t['params'])} tensors changed ({len(t['unchanged'])} unchanged skipped); "
+        f"recommended alpha {vec.recommended['alpha']}; wrote {out}"
+    )
 
 
 @vectors_app.command("sae")
@@ -533,10 +645,25 @@ def vectors_sae(
     if (sae is None) == (not train):
         _fail("pick one SAE source", "--sae DIR or --train", "both" if train else "neither", "pass exactly one")
     sm = SteeredModel.from_pretrained(model, device=device, trust_remote_code=trust_remote_code)
-    vec = compute_sae_features(sm, layer, load_prompts(harmful), load_prompts(harmless), sae=sae, train=train,
-                               extra_texts=load_prompts(extra_text) if extra_text else None, top=top, reduce=reduce,
-                               site=site, d_sae=d_sae, k=k, steps=steps, seed=seed, chat=not no_chat,
-                               save_sae=str(save_sae) if save_sae else None, progress=True)
+    vec = compute_sae_features(
+        sm,
+        layer,
+        load_prompts(harmful),
+        load_prompts(harmless),
+        sae=sae,
+        train=train,
+        extra_texts=load_prompts(extra_text) if extra_text else None,
+        top=top,
+        reduce=reduce,
+        site=site,
+        d_sae=d_sae,
+        k=k,
+        steps=steps,
+        seed=seed,
+        chat=not no_chat,
+        save_sae=str(save_sae) if save_sae else None,
+        progress=True,
+    )
     vec.save(out)
     Console().print(features_table(vec))
     typer.echo(f"wrote {out}")

@@ -41,11 +41,16 @@ def check_alpha(value, what: str = "alpha") -> float:
     try:
         out = float(value)
     except (TypeError, ValueError):
-        raise AlphaError(f"{what} is not a number", expected="a finite float such as 1.0", found=repr(value),
-                         fix=f"pass a number for {what}") from None
+        raise AlphaError(
+            f"{what} is not a number",
+            expected="a finite float such as 1.0",
+            found=repr(value),
+            fix=f"pass a number for {what}",
+        ) from None
     if not math.isfinite(out):
-        raise AlphaError(f"{what} must be finite", expected="a finite float such as 1.0", found=str(out),
-                         fix=f"pass a finite {what}")
+        raise AlphaError(
+            f"{what} must be finite", expected="a finite float such as 1.0", found=str(out), fix=f"pass a finite {what}"
+        )
     return out
 
 
@@ -58,8 +63,12 @@ def row_alphas(alphas) -> torch.Tensor:
     else:
         values = list(alphas)
     if not values:
-        raise AlphaError("no alphas given", expected="one alpha per batch row", found="[]",
-                         fix="pass a float or a list with one float per row")
+        raise AlphaError(
+            "no alphas given",
+            expected="one alpha per batch row",
+            found="[]",
+            fix="pass a float or a list with one float per row",
+        )
     return torch.tensor([check_alpha(v, f"alpha[{i}]") for i, v in enumerate(values)], dtype=torch.float32)
 
 
@@ -79,23 +88,39 @@ class Condition:
 
     def __post_init__(self):
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
-            raise ConfigError("condition layer must be an int", expected="an int", found=repr(self.layer),
-                              fix="set condition.layer")
+            raise ConfigError(
+                "condition layer must be an int", expected="an int", found=repr(self.layer), fix="set condition.layer"
+            )
         if not isinstance(self.direction, torch.Tensor) or self.direction.dim() != 1:
-            raise ConfigError("condition direction must be a 1-D tensor", expected="tensor [d]",
-                              found=repr(getattr(self.direction, "shape", self.direction)),
-                              fix="store condition.direction as a [d] tensor")
+            raise ConfigError(
+                "condition direction must be a 1-D tensor",
+                expected="tensor [d]",
+                found=repr(getattr(self.direction, "shape", self.direction)),
+                fix="store condition.direction as a [d] tensor",
+            )
         norm = float(self.direction.float().norm())
         if not math.isfinite(norm) or norm == 0.0:
-            raise ConfigError("condition direction must be finite and non-zero", expected="a non-zero vector",
-                              found=f"norm {norm}", fix="recompute the condition direction")
+            raise ConfigError(
+                "condition direction must be finite and non-zero",
+                expected="a non-zero vector",
+                found=f"norm {norm}",
+                fix="recompute the condition direction",
+            )
         self.threshold = check_alpha(self.threshold, "condition threshold")
         if self.reduce not in REDUCES:
-            raise ConfigError("unknown condition reduce", expected=" | ".join(REDUCES), found=repr(self.reduce),
-                              fix="use 'last' or 'mean'")
+            raise ConfigError(
+                "unknown condition reduce",
+                expected=" | ".join(REDUCES),
+                found=repr(self.reduce),
+                fix="use 'last' or 'mean'",
+            )
         if self.comparator not in COMPARATORS:
-            raise ConfigError("unknown condition comparator", expected="'>' or '<'", found=repr(self.comparator),
-                              fix="use '>' (steer when the score is above the threshold) or '<'")
+            raise ConfigError(
+                "unknown condition comparator",
+                expected="'>' or '<'",
+                found=repr(self.comparator),
+                fix="use '>' (steer when the score is above the threshold) or '<'",
+            )
 
 
 @dataclass
@@ -116,21 +141,34 @@ class SteeringConfig:
         if self.alpha is not None:
             self.alpha = check_alpha(self.alpha)
         if self.mode is not None and self.mode not in MODES:
-            raise ConfigError("unknown mode", expected=" | ".join(MODES), found=repr(self.mode),
-                              fix="choose one of " + ", ".join(MODES))
+            raise ConfigError(
+                "unknown mode",
+                expected=" | ".join(MODES),
+                found=repr(self.mode),
+                fix="choose one of " + ", ".join(MODES),
+            )
         if self.scope is not None and self.scope not in SCOPES:
-            raise ConfigError("unknown token scope", expected=" | ".join(SCOPES), found=repr(self.scope),
-                              fix="choose one of " + ", ".join(SCOPES))
+            raise ConfigError(
+                "unknown token scope",
+                expected=" | ".join(SCOPES),
+                found=repr(self.scope),
+                fix="choose one of " + ", ".join(SCOPES),
+            )
         if self.site is not None and self.site not in SITES:
-            raise ConfigError("unknown site", expected=" | ".join(SITES), found=repr(self.site),
-                              fix="choose 'output' (block output) or 'input' (block input)")
+            raise ConfigError(
+                "unknown site",
+                expected=" | ".join(SITES),
+                found=repr(self.site),
+                fix="choose 'output' (block output) or 'input' (block input)",
+            )
         if self.layers is not None:
             if isinstance(self.layers, int):
                 self.layers = [self.layers]
             self.layers = list(self.layers)
             if not self.layers:
-                raise ConfigError("layers is empty", expected="at least one layer index", found="[]",
-                                  fix="pass e.g. layers=[3]")
+                raise ConfigError(
+                    "layers is empty", expected="at least one layer index", found="[]", fix="pass e.g. layers=[3]"
+                )
 
 
 def parse_layers(text: str, num_layers: int | None = None) -> list[int]:
@@ -138,8 +176,12 @@ def parse_layers(text: str, num_layers: int | None = None) -> list[int]:
     text = text.strip()
     if text == "all":
         if num_layers is None:
-            raise ConfigError("'all' needs the model's layer count", expected="a list such as 3,5",
-                              found="all", fix="pass explicit layers")
+            raise ConfigError(
+                "'all' needs the model's layer count",
+                expected="a list such as 3,5",
+                found="all",
+                fix="pass explicit layers",
+            )
         return list(range(num_layers))
     out: list[int] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -150,8 +192,12 @@ def parse_layers(text: str, num_layers: int | None = None) -> list[int]:
             else:
                 out.append(int(part))
         except ValueError:
-            raise ConfigError("cannot parse layers", expected="e.g. 3 or 3,5 or 2-6 or all", found=repr(text),
-                              fix="pass integers separated by commas") from None
+            raise ConfigError(
+                "cannot parse layers",
+                expected="e.g. 3 or 3,5 or 2-6 or all",
+                found=repr(text),
+                fix="pass integers separated by commas",
+            ) from None
     if not out:
         raise ConfigError("no layers given", expected="e.g. 3 or 3,5", found=repr(text), fix="pass layer indices")
     return out
@@ -161,6 +207,7 @@ def parse_alphas(text: str) -> list[float]:
     """Parse '0,0.5,1' into finite floats (AlphaError on any non-number)."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
-        raise AlphaError("no alphas given", expected="numbers such as 0,0.5,1", found=repr(text),
-                         fix="pass comma-separated numbers")
+        raise AlphaError(
+            "no alphas given", expected="numbers such as 0,0.5,1", found=repr(text), fix="pass comma-separated numbers"
+        )
     return [check_alpha(p, f"alpha {p!r}") for p in parts]

@@ -55,8 +55,15 @@ class Item:
     check: Callable[[str], bool] | None = None
 
 
-def builtin_items(*, jailbreaks: bool, prefill: bool, prefill_lengths: Sequence[int], injection: bool,
-                  cap: int = 200, attack_cap: int = 100) -> list[Item]:
+def builtin_items(
+    *,
+    jailbreaks: bool,
+    prefill: bool,
+    prefill_lengths: Sequence[int],
+    injection: bool,
+    cap: int = 200,
+    attack_cap: int = 100,
+) -> list[Item]:
     """Held-out prompts of the built-in synthetic language (see :mod:`steer.family.language`)."""
     from .family import language as L
 
@@ -72,13 +79,16 @@ def builtin_items(*, jailbreaks: bool, prefill: bool, prefill_lengths: Sequence[
         for n in prefill_lengths:
             items += [Item(f"prefill:{n}", r.prompt, prefill=L.compliant_prefix(r, n)) for r in attack]
     if injection:
-        items += [Item("injection_success", r.prompt, check=(lambda c, r=r: L.injection_followed(r, c)))
-                  for r in L.injection_prompts("heldout")]
+        items += [
+            Item("injection_success", r.prompt, check=(lambda c, r=r: L.injection_followed(r, c)))
+            for r in L.injection_prompts("heldout")
+        ]
     return items
 
 
-def file_items(harmful: list[str], harmless: list[str], *, jailbreaks: bool, prefill: bool,
-               prefill_lengths: Sequence[int]) -> list[Item]:
+def file_items(
+    harmful: list[str], harmless: list[str], *, jailbreaks: bool, prefill: bool, prefill_lengths: Sequence[int]
+) -> list[Item]:
     items = [Item("harmful_refusal", p) for p in harmful] + [Item("harmless", p) for p in harmless]
     if jailbreaks:
         for fam, tpl in FILE_JAILBREAKS.items():
@@ -104,8 +114,9 @@ def _metrics(items: list[Item], completions: list[str], verdicts) -> dict:
             out[metric] = Rate.of(it.check(c) for it, c, _ in rows)
         else:
             out[metric] = Rate.of(v.refusal for _, _, v in rows)
-    out["degenerate"] = Rate.of(v.degenerate for metric in ("harmful_refusal", "harmless")
-                                for _, _, v in groups.get(metric, []))
+    out["degenerate"] = Rate.of(
+        v.degenerate for metric in ("harmful_refusal", "harmless") for _, _, v in groups.get(metric, [])
+    )
     return out
 
 
@@ -123,12 +134,28 @@ def _kl(sm, harmless: list[str], vector, layers, mode, scope, alphas: list[float
     return out
 
 
-def evaluate(sm, *, vector: SteeringVector | None = None, alphas: Sequence[float] | None = None,
-             layer_sets: Sequence[Sequence[int]] | None = None, mode: str | None = None, scope: str | None = None,
-             suite: str = "builtin", harmful: list[str] | None = None, harmless: list[str] | None = None,
-             jailbreaks: bool = False, prefill: bool = False, prefill_lengths: Sequence[int] = (1, 2, 4),
-             injection: bool = True, judge=None, max_new_tokens: int = 24, chat: bool = True,
-             batch_size: int = 64, progress: bool = True, cap: int = 200) -> dict:
+def evaluate(
+    sm,
+    *,
+    vector: SteeringVector | None = None,
+    alphas: Sequence[float] | None = None,
+    layer_sets: Sequence[Sequence[int]] | None = None,
+    mode: str | None = None,
+    scope: str | None = None,
+    suite: str = "builtin",
+    harmful: list[str] | None = None,
+    harmless: list[str] | None = None,
+    jailbreaks: bool = False,
+    prefill: bool = False,
+    prefill_lengths: Sequence[int] = (1, 2, 4),
+    injection: bool = True,
+    judge=None,
+    max_new_tokens: int = 24,
+    chat: bool = True,
+    batch_size: int = 64,
+    progress: bool = True,
+    cap: int = 200,
+) -> dict:
     """Run the harness on ``sm``; returns a JSON-ready report ``{"configs": [...], ...}``.
 
     Without a vector there is one configuration (unsteered). With one, every layer set in ``layer_sets``
@@ -137,24 +164,36 @@ def evaluate(sm, *, vector: SteeringVector | None = None, alphas: Sequence[float
     """
     judge = make_judge(judge, vector=vector, reference=sm)  # fluency under the unsteered model
     if suite == "builtin":
-        items = builtin_items(jailbreaks=jailbreaks, prefill=prefill, prefill_lengths=prefill_lengths,
-                              injection=injection, cap=cap)
+        items = builtin_items(
+            jailbreaks=jailbreaks, prefill=prefill, prefill_lengths=prefill_lengths, injection=injection, cap=cap
+        )
     elif suite == "files":
         if not harmful or not harmless:
-            raise ConfigError("file suite needs harmful and harmless prompts", expected="--harmful F --harmless F",
-                              found="missing", fix="pass both prompt files, or --suite builtin")
+            raise ConfigError(
+                "file suite needs harmful and harmless prompts",
+                expected="--harmful F --harmless F",
+                found="missing",
+                fix="pass both prompt files, or --suite builtin",
+            )
         items = file_items(harmful, harmless, jailbreaks=jailbreaks, prefill=prefill, prefill_lengths=prefill_lengths)
     else:
         raise ConfigError("unknown suite", expected="'builtin' or 'files'", found=repr(suite), fix="use builtin")
     harmless_texts = [it.prompt for it in items if it.metric == "harmless"]
     if vector is None:
         if alphas is not None or layer_sets is not None:
-            raise ConfigError("alphas/layers given without a vector", expected="--vector FILE", found="no vector",
-                              fix="pass the vector to evaluate")
+            raise ConfigError(
+                "alphas/layers given without a vector",
+                expected="--vector FILE",
+                found="no vector",
+                fix="pass the vector to evaluate",
+            )
         plan = [(None, [0.0])]
     else:
-        alphas = list(dict.fromkeys(check_alpha(a) for a in (alphas if alphas is not None
-                                                              else [vector.recommended.get("alpha", 1.0)])))
+        alphas = list(
+            dict.fromkeys(
+                check_alpha(a) for a in (alphas if alphas is not None else [vector.recommended.get("alpha", 1.0)])
+            )
+        )
         if vector.kind == "task":  # task vectors change weights, not layers' activations
             sets = [None]
         else:
@@ -169,11 +208,19 @@ def evaluate(sm, *, vector: SteeringVector | None = None, alphas: Sequence[float
         for layers, alist in plan:
             rows = [(i, a) for a in alist for i in order]
             done = (lambda n: bar[0].update(bar[1], advance=n)) if bar else None
-            completions = sm.generate([items[i].prompt for i, _ in rows],
-                                      vector=vector, alphas=[a for _, a in rows] if vector is not None else None,
-                                      layers=layers, mode=mode, scope=scope,
-                                      prefill=[items[i].prefill or "" for i, _ in rows], chat=chat,
-                                      max_new_tokens=max_new_tokens, batch_size=batch_size, progress=done)
+            completions = sm.generate(
+                [items[i].prompt for i, _ in rows],
+                vector=vector,
+                alphas=[a for _, a in rows] if vector is not None else None,
+                layers=layers,
+                mode=mode,
+                scope=scope,
+                prefill=[items[i].prefill or "" for i, _ in rows],
+                chat=chat,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                progress=done,
+            )
             kls = _kl(sm, harmless_texts, vector, layers, mode, scope, alist, chat) if vector is not None else {}
             for a in alist:
                 got = {i: c for (i, aa), c in zip(rows, completions) if aa == a}
@@ -185,12 +232,18 @@ def evaluate(sm, *, vector: SteeringVector | None = None, alphas: Sequence[float
     finally:
         if bar:
             bar[0].stop()
-    return {"suite": suite, "n_items": len(items), "configs": configs, "judge": judge.describe(),
-            "judge_markers": list(getattr(judge, "markers", []))}
+    return {
+        "suite": suite,
+        "n_items": len(items),
+        "configs": configs,
+        "judge": judge.describe(),
+        "judge_markers": list(getattr(judge, "markers", [])),
+    }
 
 
 def report_to_json(report: dict) -> dict:
     """Replace Rate / Mean objects by plain dicts."""
+
     def conv(x):
         if isinstance(x, (Rate, Mean)):
             return x.to_dict()

@@ -14,7 +14,7 @@ class HookSet:
     :class:`ForwardWrap`) to ``self._handles``."""
 
     _handles: list
-    _sites: list | tuple = ()        # (module, forward) pairs, set by _watch_wraps
+    _sites: list | tuple = ()  # (module, forward) pairs, set by _watch_wraps
 
     def remove(self) -> None:
         """Detach every hook (idempotent)."""
@@ -39,11 +39,15 @@ class HookSet:
             if current is forward or _reaches(current, module, forward):
                 continue
             self._sites = []
-            warnings.warn(f"steer: the forward of {type(module).__name__} was replaced after steering was attached "
-                          f"(now {getattr(current, '__qualname__', None) or type(current).__name__}); if it does not "
-                          "call the forward it replaced (accelerate's dispatch_model re-run on a dispatched model "
-                          "does not), steering no longer runs there. Fix: remove the steering, dispatch or wrap the "
-                          "model, then attach the steering again.", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"steer: the forward of {type(module).__name__} was replaced after steering was attached "
+                f"(now {getattr(current, '__qualname__', None) or type(current).__name__}); if it does not "
+                "call the forward it replaced (accelerate's dispatch_model re-run on a dispatched model "
+                "does not), steering no longer runs there. Fix: remove the steering, dispatch or wrap the "
+                "model, then attach the steering again.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return
 
     @property
@@ -130,7 +134,7 @@ class ForwardWrap:
     def __init__(self, module, post=None, pre=None):
         top = module.__dict__.get("forward")
         w = module.__dict__.get(getattr(getattr(top, "__func__", None), "_steer_key", ""))
-        if w is None or top is not w.method:            # none of ours outermost: install one
+        if w is None or top is not w.method:  # none of ours outermost: install one
             w = _Wrapped(module)
             module.__dict__[w.key] = w
             module.forward = w.method

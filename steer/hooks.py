@@ -12,8 +12,9 @@ the op itself. The handle is a context manager and ``remove()`` is idempotent: h
 Under the KV cache a decode step has length 1; the root hook reads the past length from the forward's
 arguments (:func:`steer.positions.past_length`: cache, attention mask and position ids, whatever names the
 installed transformers uses) and computes absolute positions as ``past_length + arange(T)``; it compares
-them with the prompt length recorded at prefill (past length 0), so ``scope="generated"`` steers every generated token and ``scope="prompt"`` none of them. With left
-padding (what generation uses) every row shares the padded prompt length, so the rule holds per row.
+them with the prompt length recorded at prefill (past length 0), so ``scope="generated"`` steers every
+generated token and ``scope="prompt"`` none of them. With left padding (what generation uses) every row
+shares the padded prompt length, so the rule holds per row.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def _compile_sites(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]
 
 def _compiled(sites: list[nn.Module]) -> bool:
     for m in sites:
-        if getattr(m, "_compiled_call_impl", None) is not None or \
-                hasattr(m.__dict__.get("forward"), "_torchdynamo_orig_callable"):
+        if getattr(m, "_compiled_call_impl", None) is not None or hasattr(
+            m.__dict__.get("forward"), "_torchdynamo_orig_callable"
+        ):
             return True
     return False
 
@@ -71,8 +73,15 @@ class Steering(HookSet):
     Prefer :meth:`steer.SteeredModel.steer`; this class is the mechanism underneath.
     """
 
-    def __init__(self, model: nn.Module, vector: SteeringVector, config: SteeringConfig | None = None, *,
-                 layers_path: str | None = None, check_architecture: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        vector: SteeringVector,
+        config: SteeringConfig | None = None,
+        *,
+        layers_path: str | None = None,
+        check_architecture: bool = True,
+    ):
         config = config or SteeringConfig()
         self.model = model
         blocks = get_layers(model, layers_path)
@@ -92,10 +101,12 @@ class Steering(HookSet):
         if self.condition is not None:
             self.condition.layer = check_layers([self.condition.layer], len(blocks))[0]
             if self.condition.direction.shape[-1] != fp["hidden_size"]:
-                raise ConfigError("condition direction has the wrong width",
-                                  expected=f"[{fp['hidden_size']}]",
-                                  found=str(tuple(self.condition.direction.shape)),
-                                  fix="use a condition computed on this model")
+                raise ConfigError(
+                    "condition direction has the wrong width",
+                    expected=f"[{fp['hidden_size']}]",
+                    found=str(tuple(self.condition.direction.shape)),
+                    fix="use a condition computed on this model",
+                )
             first = min(self.layers) - (1 if self.site == "input" else 0)
             if self.scope != "generated" and self.condition.layer > first:
                 raise ConfigError(
@@ -113,8 +124,12 @@ class Steering(HookSet):
         for layer in self.layers:
             d = self._pick_direction(vector, layer, source).reshape(-1, fp["hidden_size"]).float()
             if self.op != "add" and bool((d.norm(dim=-1) == 0).any()):
-                raise ConfigError(f"layer {layer}: cannot ablate a zero direction", expected="non-zero directions",
-                                  found="a direction of norm 0", fix="use mode='add' or a non-zero vector")
+                raise ConfigError(
+                    f"layer {layer}: cannot ablate a zero direction",
+                    expected="non-zero directions",
+                    found="a direction of norm 0",
+                    fix="use mode='add' or a non-zero vector",
+                )
             if self.op == "add":
                 vecs, j = d, 0
             else:
@@ -126,9 +141,12 @@ class Steering(HookSet):
             self._plans[layer] = plan_for(self._vecs[layer], j)
             self.n_ablate = j
         if len(shapes) > 1:
-            raise ConfigError("layers carry different numbers of directions",
-                              expected="the same [k, d] shape at every steered layer", found=str(sorted(shapes)),
-                              fix="steer layers whose directions have the same shape")
+            raise ConfigError(
+                "layers carry different numbers of directions",
+                expected="the same [k, d] shape at every steered layer",
+                found=str(sorted(shapes)),
+                fix="steer layers whose directions have the same shape",
+            )
         self._devices = sorted({v.device for v in self._vecs.values()}, key=str)
         if self.condition is not None:
             cdev = _layer_device(blocks[self.condition.layer])
@@ -145,7 +163,7 @@ class Steering(HookSet):
         self._prefill = True
         self._skip = False
         self._decode = False  # this forward feeds one token per row (set by the root hook)
-        self._eager = True    # ... and is not traced by torch.compile (of the whole model or any part of it)
+        self._eager = True  # ... and is not traced by torch.compile (of the whole model or any part of it)
         self._mask: torch.Tensor | None = None
         self._masks: dict[torch.device, torch.Tensor] = {}
         self._attn: torch.Tensor | None = None
@@ -158,12 +176,19 @@ class Steering(HookSet):
     def _vector_condition(vector: SteeringVector) -> Condition:
         cond = vector.condition
         if not cond or vector.condition_direction is None:
-            raise ConfigError("conditional mode needs a condition", expected="a vector file with a condition "
-                              "(layer, threshold, condition.direction)", found="none in this vector",
-                              fix="compute one with `steer vectors refusal` or `steer tune`, or pass condition=")
-        return Condition(layer=int(cond["layer"]), direction=vector.condition_direction,
-                         threshold=cond["threshold"], reduce=cond.get("reduce", "last"),
-                         comparator=cond.get("comparator", ">"))
+            raise ConfigError(
+                "conditional mode needs a condition",
+                expected="a vector file with a condition (layer, threshold, condition.direction)",
+                found="none in this vector",
+                fix="compute one with `steer vectors refusal` or `steer tune`, or pass condition=",
+            )
+        return Condition(
+            layer=int(cond["layer"]),
+            direction=vector.condition_direction,
+            threshold=cond["threshold"],
+            reduce=cond.get("reduce", "last"),
+            comparator=cond.get("comparator", ">"),
+        )
 
     @staticmethod
     def _pick_direction(vector: SteeringVector, layer: int, source: int | None) -> torch.Tensor:
@@ -172,9 +197,12 @@ class Steering(HookSet):
             return vector.directions[key]
         if len(vector.directions) == 1:
             return next(iter(vector.directions.values()))
-        raise LayerError(f"the vector has no direction for layer {key}", expected=f"one of {vector.layers}",
-                         found=str(key), fix="steer layers the vector has, or pass source_layer=N to use "
-                         "layer N's direction at every steered layer")
+        raise LayerError(
+            f"the vector has no direction for layer {key}",
+            expected=f"one of {vector.layers}",
+            found=str(key),
+            fix="steer layers the vector has, or pass source_layer=N to use layer N's direction at every steered layer",
+        )
 
     # ------------------------------------------------------------------ per-row α
     @torch.inference_mode(False)  # persistent buffers must stay writable outside inference mode
@@ -188,7 +216,7 @@ class Steering(HookSet):
         else:
             coef = torch.cat([(a != 0).float().expand(-1, self.n_ablate), a.expand(-1, n_add)], dim=1)
         for dev in self._devices:
-            c = coef.to(dev).clone(memory_format=torch.contiguous_format)   # a normal tensor, ours alone
+            c = coef.to(dev).clone(memory_format=torch.contiguous_format)  # a normal tensor, ours alone
             if dev in self._coef and self._coef[dev].shape == c.shape:
                 self._coef[dev].copy_(c)
             else:
@@ -217,9 +245,12 @@ class Steering(HookSet):
         if rows == batch:  # one coefficient row per batch row (the CPU plan's decode path needs B rows)
             return
         if batch % base:
-            raise AlphaError("the number of per-row alphas does not fit the batch",
-                             expected=f"{batch} alphas (or a divisor of it, repeated per row)",
-                             found=f"{base} alphas", fix="call set_alphas with one alpha per batch row")
+            raise AlphaError(
+                "the number of per-row alphas does not fit the batch",
+                expected=f"{batch} alphas (or a divisor of it, repeated per row)",
+                found=f"{base} alphas",
+                fix="call set_alphas with one alpha per batch row",
+            )
         self._build_coef(self._alphas.repeat_interleave(batch // base))
 
     # ------------------------------------------------------------------ hooks
@@ -302,8 +333,14 @@ class Steering(HookSet):
     def _steer(self, h: torch.Tensor, layer: int, inplace: bool) -> torch.Tensor:
         if not inplace or (torch.is_grad_enabled() and h.requires_grad):
             h = h.clone()
-        return steer_(h, self._vecs[layer], self._coef_eff[h.device], self.n_ablate,
-                      None if self._mask is None else self._mask_on(h.device), self._plans[layer])
+        return steer_(
+            h,
+            self._vecs[layer],
+            self._coef_eff[h.device],
+            self.n_ablate,
+            None if self._mask is None else self._mask_on(h.device),
+            self._plans[layer],
+        )
 
     def _decide_gate(self, h: torch.Tensor) -> None:
         cond = self.condition
@@ -322,6 +359,7 @@ class Steering(HookSet):
 
     def _make_output_hook(self, layer: int, gate: bool):
         if gate:
+
             def gate_hook(module, args, output):
                 if self._prefill:
                     self._decide_gate(output if isinstance(output, torch.Tensor) else output[0])
@@ -370,5 +408,7 @@ class Steering(HookSet):
 
     # ------------------------------------------------------------------ lifetime
     def __repr__(self) -> str:
-        return (f"Steering(op={self.op!r}, layers={self.layers}, alpha={self.alpha}, scope={self.scope!r}, "
-                f"site={self.site!r}, conditional={self.condition is not None}, active={self.active})")
+        return (
+            f"Steering(op={self.op!r}, layers={self.layers}, alpha={self.alpha}, scope={self.scope!r}, "
+            f"site={self.site!r}, conditional={self.condition is not None}, active={self.active})"
+        )

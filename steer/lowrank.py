@@ -118,9 +118,12 @@ class TaskSteering(HookSet):
             return None
         base = self._alphas.numel()
         if batch % base:
-            raise AlphaError("the number of per-row alphas does not fit the batch",
-                             expected=f"{batch} alphas (or a divisor of it, repeated per row)",
-                             found=f"{base} alphas", fix="call set_alphas with one alpha per batch row")
+            raise AlphaError(
+                "the number of per-row alphas does not fit the batch",
+                expected=f"{batch} alphas (or a divisor of it, repeated per row)",
+                found=f"{base} alphas",
+                fix="call set_alphas with one alpha per batch row",
+            )
         self._build_coef(self._alphas.repeat_interleave(batch // base))
         return None
 
@@ -129,8 +132,13 @@ class TaskSteering(HookSet):
         p0 = getattr(mod, next(iter(attrs)))
         dev, dtype = p0.device, p0.dtype
         slot = self._slot(dev)
-        kind = "embedding" if isinstance(mod, nn.Embedding) else \
-            "linear" if isinstance(mod, nn.Linear) or is_conv1d(mod) else "other"
+        kind = (
+            "embedding"
+            if isinstance(mod, nn.Embedding)
+            else "linear"
+            if isinstance(mod, nn.Linear) or is_conv1d(mod)
+            else "other"
+        )
         if kind == "other" or set(attrs) - {"weight", "bias"} or (kind == "embedding" and "bias" in attrs):
             if kind != "other" or set(attrs) - {"weight", "bias"} or not type(mod).__name__.endswith("Norm"):
                 raise ConfigError(
@@ -138,9 +146,11 @@ class TaskSteering(HookSet):
                     f"({', '.join(sorted(attrs))})",
                     expected="deltas on Linear / Conv1D / Embedding weights or biases, or on norm weights",
                     found=f"a delta on a {type(mod).__name__} (its output is not affine in these parameters)",
-                    fix="compute the vector with --exclude for these parameters, or use mode='merged'")
-            self._handles.append(mod.register_forward_hook(self._affine_hook(mod, attrs, vector, slot),
-                                                           with_kwargs=True))
+                    fix="compute the vector with --exclude for these parameters, or use mode='merged'",
+                )
+            self._handles.append(
+                mod.register_forward_hook(self._affine_hook(mod, attrs, vector, slot), with_kwargs=True)
+            )
             return
         w_name, b_name = attrs.get("weight"), attrs.get("bias")
         db = dense_tau(vector, b_name).to(dev, dtype) if b_name else None
@@ -149,8 +159,11 @@ class TaskSteering(HookSet):
             lin = None
         elif pair is not None:  # Linear orientation [out, R] @ [R, in] (embedding: [V, R] @ [R, d])
             up, down = pair[0].to(dev, dtype), pair[1].to(dev, dtype)
-            lin = ("lowrank", down.contiguous(), up.T.contiguous()) if kind == "linear" else \
-                ("lowrank", up.contiguous(), down.contiguous())
+            lin = (
+                ("lowrank", down.contiguous(), up.T.contiguous())
+                if kind == "linear"
+                else ("lowrank", up.contiguous(), down.contiguous())
+            )
         else:
             tau = dense_tau(vector, w_name).to(dev, dtype)
             conv = bool(info[w_name].get("conv1d"))
@@ -169,19 +182,23 @@ class TaskSteering(HookSet):
             n = out.shape[-1]
             if out.dim() != 3 or out.shape[0] != B:  # tokens out of their rows (e.g. routed to MoE experts)
                 if not self._uniform:
-                    raise AlphaError(f"per-request α cannot reach {type(module).__name__}: it sees tokens routed "
-                                     "out of their batch rows", expected="one α for the whole batch here",
-                                     found="different α per row", fix="use one α per batch, or mode='merged'")
+                    raise AlphaError(
+                        f"per-request α cannot reach {type(module).__name__}: it sees tokens routed "
+                        "out of their batch rows",
+                        expected="one α for the whole batch here",
+                        found="different α per row",
+                        fix="use one α per batch, or mode='merged'",
+                    )
                 c, B = c[:1], 1
             y = out.view(B, -1, n) if out.is_contiguous() else out.reshape(B, -1, n)
             if torch.is_grad_enabled() and out.requires_grad:
                 y = y.clone()
             if mode == "lowrank":
-                t = F.linear(args[0], a)                          # [.., R] = x downᵀ
-                t = t.view(B, -1, t.shape[-1]).mul_(c)            # α_row · (x downᵀ)
+                t = F.linear(args[0], a)  # [.., R] = x downᵀ
+                t = t.view(B, -1, t.shape[-1]).mul_(c)  # α_row · (x downᵀ)
                 y.view(-1, n).addmm_(t.view(-1, t.shape[-1]), b)  # y += (α x downᵀ) upᵀ
             elif mode == "dense":
-                t = F.linear(args[0], a)                          # x τᵀ, one extra weight read
+                t = F.linear(args[0], a)  # x τᵀ, one extra weight read
                 y.addcmul_(t.view(B, -1, n), c)
             if db is not None:
                 y.addcmul_(c, db)
@@ -204,7 +221,7 @@ class TaskSteering(HookSet):
             if torch.is_grad_enabled() and out.requires_grad:
                 y = y.clone()
             if mode == "lowrank":
-                t = F.embedding(ids, a)                          # up[ids]  [.., R]
+                t = F.embedding(ids, a)  # up[ids]  [.., R]
                 t = t.reshape(B, -1, t.shape[-1]).mul_(c)
                 y.view(-1, n).addmm_(t.view(-1, t.shape[-1]), b)
             else:

@@ -38,22 +38,33 @@ def resolve_model_path(name: str | Path) -> str:
     if name.startswith(BUILTIN_PREFIX):
         from .family import MEMBERS, member_path
 
-        member = name[len(BUILTIN_PREFIX):]
+        member = name[len(BUILTIN_PREFIX) :]
         if member not in MEMBERS:
-            raise ModelLoadError(f"unknown built-in model {name!r}", expected=", ".join(BUILTIN_PREFIX + m for m in MEMBERS),
-                                 found=name, fix="pick one of the built-in family members")
+            raise ModelLoadError(
+                f"unknown built-in model {name!r}",
+                expected=", ".join(BUILTIN_PREFIX + m for m in MEMBERS),
+                found=name,
+                fix="pick one of the built-in family members",
+            )
         return str(member_path(member))
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
-            raise ModelLoadError(f"{name} is not a Hugging Face model directory", expected="a folder with config.json",
-                                 found="a file" if not path.is_dir() else "a folder without config.json",
-                                 fix="pass the model folder (the one holding config.json)")
+            raise ModelLoadError(
+                f"{name} is not a Hugging Face model directory",
+                expected="a folder with config.json",
+                found="a file" if not path.is_dir() else "a folder without config.json",
+                fix="pass the model folder (the one holding config.json)",
+            )
         return str(path)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
     if looks_local:
-        raise ModelLoadError(f"model directory not found: {name}", expected="an existing local folder or a hub id",
-                             found="no such folder", fix="check the path (or use builtin:aligned)")
+        raise ModelLoadError(
+            f"model directory not found: {name}",
+            expected="an existing local folder or a hub id",
+            found="no such folder",
+            fix="check the path (or use builtin:aligned)",
+        )
     return name
 
 
@@ -81,9 +92,17 @@ class SteeredModel:
         self.source: str | None = None  # the name it was loaded by (from_pretrained), e.g. "builtin:aligned"
 
     @classmethod
-    def from_pretrained(cls, name: str | Path, *, dtype: torch.dtype | str | None = None, device: str | None = None,
-                        device_map=None, trust_remote_code: bool = False, layers_path: str | None = None,
-                        **kwargs) -> "SteeredModel":
+    def from_pretrained(
+        cls,
+        name: str | Path,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: str | None = None,
+        device_map=None,
+        trust_remote_code: bool = False,
+        layers_path: str | None = None,
+        **kwargs,
+    ) -> "SteeredModel":
         """Load model and tokenizer from a local folder, a cached hub id or ``builtin:NAME``.
 
         ``dtype`` defaults to float32 on CPU and the checkpoint's dtype (``"auto"``) on accelerators.
@@ -94,23 +113,35 @@ class SteeredModel:
             try:
                 dev = torch.device(device)
             except (RuntimeError, TypeError):
-                raise ModelLoadError("unknown device", expected="cpu, cuda, cuda:1, mps, ...", found=repr(device),
-                                     fix="pass a torch device string") from None
+                raise ModelLoadError(
+                    "unknown device",
+                    expected="cpu, cuda, cuda:1, mps, ...",
+                    found=repr(device),
+                    fix="pass a torch device string",
+                ) from None
             if dev.type == "cuda" and not torch.cuda.is_available():
-                raise ModelLoadError("CUDA was asked for but is not available", expected="a CUDA device",
-                                     found="torch without a usable GPU", fix="pass --device cpu (or install CUDA torch)")
+                raise ModelLoadError(
+                    "CUDA was asked for but is not available",
+                    expected="a CUDA device",
+                    found="torch without a usable GPU",
+                    fix="pass --device cpu (or install CUDA torch)",
+                )
         path = resolve_model_path(name)
         if dtype is None:
             dtype = torch.float32 if (device in (None, "cpu") and device_map is None) else "auto"
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                         device_map=device_map, **_dtype_kw(dtype), **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, trust_remote_code=trust_remote_code, device_map=device_map, **_dtype_kw(dtype), **kwargs
+            )
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load model {name!r}", expected="a local HF model folder or a cached hub id",
-                                 found=str(exc).splitlines()[0][:300],
-                                 fix="download the model beforehand (this machine may be offline) or pass a local path; "
-                                 "models with custom code need trust_remote_code=True") from None
+            raise ModelLoadError(
+                f"cannot load model {name!r}",
+                expected="a local HF model folder or a cached hub id",
+                found=str(exc).splitlines()[0][:300],
+                fix="download the model beforehand (this machine may be offline) or pass a local path; "
+                "models with custom code need trust_remote_code=True",
+            ) from None
         if device is not None and device_map is None:
             model = model.to(device)
         model.eval()
@@ -122,8 +153,14 @@ class SteeredModel:
     def fingerprint(self) -> dict:
         return fingerprint(self.model, self.layers_path)
 
-    def steer(self, vector: SteeringVector | str | Path, config: SteeringConfig | None = None, *,
-              check_architecture: bool = True, **overrides) -> Steering:
+    def steer(
+        self,
+        vector: SteeringVector | str | Path,
+        config: SteeringConfig | None = None,
+        *,
+        check_architecture: bool = True,
+        **overrides,
+    ) -> Steering:
         """Attach ``vector`` and return the live :class:`~steer.hooks.Steering` handle (a context manager).
 
         ``overrides`` are :class:`SteeringConfig` fields (layers, alpha, mode, scope, site, source_layer,
@@ -136,10 +173,13 @@ class SteeredModel:
         if config is None:
             config = SteeringConfig(**overrides)
         elif overrides:
-            raise ConfigError("pass either a SteeringConfig or keyword overrides", expected="one of them",
-                              found="both", fix="put the overrides into the config")
-        return Steering(self.model, vector, config, layers_path=self.layers_path,
-                        check_architecture=check_architecture)
+            raise ConfigError(
+                "pass either a SteeringConfig or keyword overrides",
+                expected="one of them",
+                found="both",
+                fix="put the overrides into the config",
+            )
+        return Steering(self.model, vector, config, layers_path=self.layers_path, check_architecture=check_architecture)
 
     TASK_MODES = {"merged": "merged", "merge": "merged", None: "per_request", "per_request": "per_request"}
 
@@ -152,18 +192,29 @@ class SteeredModel:
 
         opts = dict(overrides)
         if config is not None:
-            opts.update({k: getattr(config, k) for k in ("alpha", "mode", "layers", "scope", "site",
-                                                         "source_layer", "condition")})
+            opts.update(
+                {
+                    k: getattr(config, k)
+                    for k in ("alpha", "mode", "layers", "scope", "site", "source_layer", "condition")
+                }
+            )
         mode = opts.pop("mode", None)
         alpha = opts.pop("alpha", None)
         unused = sorted(k for k, v in opts.items() if v is not None)
         if unused:
-            raise ConfigError("task vectors change weights, not one layer's activations",
-                              expected="only alpha= and mode= ('merged' or per-request)",
-                              found=f"{', '.join(unused)} given", fix="drop those options for a task vector")
+            raise ConfigError(
+                "task vectors change weights, not one layer's activations",
+                expected="only alpha= and mode= ('merged' or per-request)",
+                found=f"{', '.join(unused)} given",
+                fix="drop those options for a task vector",
+            )
         if mode not in self.TASK_MODES:
-            raise ConfigError("unknown mode for a task vector", expected="'merged' or None (per-request)",
-                              found=repr(mode), fix="pass mode='merged' (one alpha) or leave it unset")
+            raise ConfigError(
+                "unknown mode for a task vector",
+                expected="'merged' or None (per-request)",
+                found=repr(mode),
+                fix="pass mode='merged' (one alpha) or leave it unset",
+            )
         alpha = check_alpha(alpha if alpha is not None else vector.recommended.get("alpha", 1.0))
         cls = MergedTaskSteering if self.TASK_MODES[mode] == "merged" else TaskSteering
         return cls(self.model, vector, alpha)
@@ -191,8 +242,12 @@ class SteeredModel:
     def _encode(self, texts: list[str], chat_applied: bool):
         tok = self.tokenizer
         if tok is None:
-            raise ConfigError("this SteeredModel has no tokenizer", expected="a tokenizer", found="None",
-                              fix="construct SteeredModel(model, tokenizer)")
+            raise ConfigError(
+                "this SteeredModel has no tokenizer",
+                expected="a tokenizer",
+                found="None",
+                fix="construct SteeredModel(model, tokenizer)",
+            )
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         old_side = tok.padding_side
@@ -208,19 +263,38 @@ class SteeredModel:
         """The exact texts the model sees (chat template and assistant prefill applied)."""
         prefills = prefill if isinstance(prefill, list) else [prefill] * len(prompts)
         if len(prefills) != len(prompts):
-            raise ConfigError("prefill list length differs from prompts", expected=f"{len(prompts)} prefills",
-                              found=f"{len(prefills)}", fix="pass one prefill per prompt or a single string")
+            raise ConfigError(
+                "prefill list length differs from prompts",
+                expected=f"{len(prompts)} prefills",
+                found=f"{len(prefills)}",
+                fix="pass one prefill per prompt or a single string",
+            )
         return [format_prompt(self.tokenizer, p, chat=chat, prefill=f) for p, f in zip(prompts, prefills)]
 
     @torch.no_grad()
-    def generate(self, prompts: list[str] | str, *, vector: SteeringVector | str | Path | None = None,
-                 alphas: float | list[float] | None = None, layers: list[int] | None = None,
-                 mode: str | None = None, scope: str | None = None, site: str | None = None,
-                 condition: Condition | None = None, source_layer: int | None = None,
-                 max_new_tokens: int = 32, chat: bool = True,
-                 prefill: str | list[str] | None = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, batch_size: int = 64, progress=None,
-                 **generate_kwargs) -> list[str]:
+    def generate(
+        self,
+        prompts: list[str] | str,
+        *,
+        vector: SteeringVector | str | Path | None = None,
+        alphas: float | list[float] | None = None,
+        layers: list[int] | None = None,
+        mode: str | None = None,
+        scope: str | None = None,
+        site: str | None = None,
+        condition: Condition | None = None,
+        source_layer: int | None = None,
+        max_new_tokens: int = 32,
+        chat: bool = True,
+        prefill: str | list[str] | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 64,
+        progress=None,
+        **generate_kwargs,
+    ) -> list[str]:
         """Generate one completion per prompt (text after the prompt, special tokens stripped).
 
         ``alphas``: one float for every row, or one per prompt (per-request α; rows are batched together
@@ -230,18 +304,30 @@ class SteeredModel:
             prompts = [prompts]
         prompts = list(prompts)
         if vector is None and (alphas is not None or layers is not None or mode is not None):
-            raise ConfigError("alphas/layers/mode given without a vector", expected="vector=...",
-                              found="no vector", fix="pass the vector to steer with")
+            raise ConfigError(
+                "alphas/layers/mode given without a vector",
+                expected="vector=...",
+                found="no vector",
+                fix="pass the vector to steer with",
+            )
         if alphas is None or isinstance(alphas, (int, float)):
             row_alphas = None if alphas is None else [check_alpha(alphas)] * len(prompts)
         else:
             row_alphas = [check_alpha(a, f"alphas[{i}]") for i, a in enumerate(alphas)]
             if len(row_alphas) != len(prompts):
-                raise AlphaError("one alpha per prompt is needed", expected=f"{len(prompts)} alphas",
-                                 found=f"{len(row_alphas)}", fix="pass a single float or one per prompt")
+                raise AlphaError(
+                    "one alpha per prompt is needed",
+                    expected=f"{len(prompts)} alphas",
+                    found=f"{len(row_alphas)}",
+                    fix="pass a single float or one per prompt",
+                )
         if max_new_tokens < 1:
-            raise ConfigError("max_new_tokens must be positive", expected=">= 1", found=str(max_new_tokens),
-                              fix="pass --max-new-tokens 32")
+            raise ConfigError(
+                "max_new_tokens must be positive",
+                expected=">= 1",
+                found=str(max_new_tokens),
+                fix="pass --max-new-tokens 32",
+            )
         texts = self.format(prompts, chat=chat, prefill=prefill)
         chat_applied = chat and has_chat_template(self.tokenizer)
         steering = None
@@ -250,12 +336,17 @@ class SteeredModel:
         if vector is not None and vector.kind == "task":
             steering = self.steer(vector, layers=layers, mode=mode, scope=scope, site=site, condition=condition)
         elif vector is not None:
-            config = SteeringConfig(layers=layers, mode=mode, scope=scope, site=site, condition=condition,
-                                    source_layer=source_layer)
+            config = SteeringConfig(
+                layers=layers, mode=mode, scope=scope, site=site, condition=condition, source_layer=source_layer
+            )
             steering = self.steer(vector, config)
-        gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                   pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                   else self.tokenizer.eos_token_id)
+        gen = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            pad_token_id=self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id,
+        )
         if do_sample:
             gen.update(temperature=temperature, top_p=top_p)
         gen.update(generate_kwargs)
@@ -264,14 +355,14 @@ class SteeredModel:
             if seed is not None:
                 torch.manual_seed(seed)
             for start in range(0, len(texts), max(1, batch_size)):
-                chunk = texts[start:start + batch_size]
+                chunk = texts[start : start + batch_size]
                 enc = self._encode(chunk, chat_applied)
                 if steering is not None:
-                    rows = row_alphas[start:start + batch_size] if row_alphas else [steering.alpha] * len(chunk)
+                    rows = row_alphas[start : start + batch_size] if row_alphas else [steering.alpha] * len(chunk)
                     steering.set_alphas(rows)
                     steering.prompt_length = int(enc["input_ids"].shape[1])
                 out = self.model.generate(**enc, **gen)
-                new = out[:, enc["input_ids"].shape[1]:]
+                new = out[:, enc["input_ids"].shape[1] :]
                 outputs.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
                 if progress is not None:
                     progress(len(chunk))
@@ -281,8 +372,9 @@ class SteeredModel:
         """Every prompt once per α, all in one batched generation: ``[{prompt, alpha, completion}]``."""
         rows = [(p, a) for p in prompts for a in alphas]
         if any(not math.isfinite(float(a)) for a in alphas):
-            raise AlphaError("alphas must be finite", expected="finite floats", found=str(alphas),
-                             fix="remove NaN/inf values")
+            raise AlphaError(
+                "alphas must be finite", expected="finite floats", found=str(alphas), fix="remove NaN/inf values"
+            )
         prefill = kwargs.pop("prefill", None)
         if isinstance(prefill, list):
             prefill = [f for f in prefill for _ in alphas]

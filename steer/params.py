@@ -40,8 +40,12 @@ def task_info(vector: SteeringVector) -> dict:
     """``meta["task"]["params"]``: name -> {shape, conv1d, rank, ...}; VectorFileError if not a task vector."""
     info = (vector.meta.get("task") or {}).get("params")
     if vector.kind != "task" or not isinstance(info, dict) or not info:
-        raise VectorFileError("not a task vector", expected="a vector of kind 'task' (steer vectors task)",
-                              found=f"kind {vector.kind!r}", fix="pass a file made by `steer vectors task`")
+        raise VectorFileError(
+            "not a task vector",
+            expected="a vector of kind 'task' (steer vectors task)",
+            found=f"kind {vector.kind!r}",
+            fix="pass a file made by `steer vectors task`",
+        )
     return info
 
 
@@ -60,9 +64,12 @@ def dense_tau(vector: SteeringVector, name: str) -> torch.Tensor:
         return dense.float()
     pair = factors(vector, name)
     if pair is None:
-        raise VectorFileError(f"task vector lacks the tensors of {name}",
-                              expected=f"extra.{PREFIX}{name} or its .up/.down factors", found="neither",
-                              fix="recompute the vector with `steer vectors task`")
+        raise VectorFileError(
+            f"task vector lacks the tensors of {name}",
+            expected=f"extra.{PREFIX}{name} or its .up/.down factors",
+            found="neither",
+            fix="recompute the vector with `steer vectors task`",
+        )
     d = pair[0] @ pair[1]
     return d.T.contiguous() if task_info(vector)[name].get("conv1d") else d
 
@@ -82,9 +89,12 @@ def check_task_model(vector: SteeringVector, model: nn.Module) -> dict[str, nn.P
         owner = modules.get(name.rpartition(".")[0])
         conv = owner is not None and is_conv1d(owner) and name.endswith(".weight")
         if bool(meta.get("conv1d")) != conv:
-            raise ModelMismatchError(f"parameter {name} has another layout (Conv1D vs Linear)",
-                                     expected=f"conv1d={bool(meta.get('conv1d'))}", found=f"conv1d={conv}",
-                                     fix="apply the vector to the architecture it was computed on")
+            raise ModelMismatchError(
+                f"parameter {name} has another layout (Conv1D vs Linear)",
+                expected=f"conv1d={bool(meta.get('conv1d'))}",
+                found=f"conv1d={conv}",
+                fix="apply the vector to the architecture it was computed on",
+            )
     return {n: params[n] for n in info}
 
 
@@ -109,12 +119,20 @@ class MergedTaskSteering:
             for name, p in params.items():
                 tau = dense_tau(vector, name).to(p.device).contiguous()
                 if tau.shape != p.shape:
-                    raise ModelMismatchError(f"τ of {name} has the wrong shape", expected=str(tuple(p.shape)),
-                                             found=str(tuple(tau.shape)), fix="recompute the vector")
+                    raise ModelMismatchError(
+                        f"τ of {name} has the wrong shape",
+                        expected=str(tuple(p.shape)),
+                        found=str(tuple(tau.shape)),
+                        fix="recompute the vector",
+                    )
                 t_max = float(tau.abs().max()) if tau.numel() else 0.0
                 if t_max != t_max or t_max == float("inf"):
-                    raise VectorFileError(f"τ of {name} contains NaN or inf", expected="finite deltas",
-                                          found="non-finite entries", fix="recompute the vector")
+                    raise VectorFileError(
+                        f"τ of {name} contains NaN or inf",
+                        expected="finite deltas",
+                        found="non-finite entries",
+                        fix="recompute the vector",
+                    )
                 theta0 = p.detach().clone()
                 p_max = float(theta0.abs().max().float()) if theta0.numel() else 0.0
                 self._entries.append((name, p, theta0, tau))
@@ -126,8 +144,12 @@ class MergedTaskSteering:
     def _check_finite(self, alpha: float) -> None:
         """Raise AlphaError (touching nothing) if θ₀ + α·τ would hold inf/NaN in some tensor."""
         if abs(alpha) > torch.finfo(torch.float32).max:
-            raise AlphaError(f"alpha={alpha} does not fit in float32", expected="|alpha| < 3.4e38",
-                             found=str(alpha), fix="use a smaller |alpha|")
+            raise AlphaError(
+                f"alpha={alpha} does not fit in float32",
+                expected="|alpha| < 3.4e38",
+                found=str(alpha),
+                fix="use a smaller |alpha|",
+            )
         for (name, p, theta0, tau), (p_max, t_max, limit) in zip(self._entries, self._bound):
             if p_max == p_max and p_max + abs(alpha) * t_max < 0.5 * limit:
                 continue  # the bound proves every entry finite: no pass over the tensor needed
@@ -137,8 +159,12 @@ class MergedTaskSteering:
             except RuntimeError:  # α itself overflows float32
                 finite = False
             if not finite:
-                raise AlphaError(f"alpha={alpha} makes parameter {name} non-finite", expected="finite weights",
-                                 found="inf or NaN after θ₀ + α·τ", fix="use a smaller |alpha|")
+                raise AlphaError(
+                    f"alpha={alpha} makes parameter {name} non-finite",
+                    expected="finite weights",
+                    found="inf or NaN after θ₀ + α·τ",
+                    fix="use a smaller |alpha|",
+                )
 
     def set_alpha(self, alpha: float) -> None:
         """Write θ₀ + α·τ into every touched parameter (α = 0 writes θ₀ back exactly)."""
@@ -162,8 +188,12 @@ class MergedTaskSteering:
     def set_alphas(self, alphas) -> None:
         values = row_alphas(alphas).tolist()
         if any(v != values[0] for v in values):
-            raise AlphaError("merged mode applies one alpha to the whole batch", expected="equal alphas",
-                             found=str(values[:8]), fix="use the per-request mode (mode=None) for mixed alphas")
+            raise AlphaError(
+                "merged mode applies one alpha to the whole batch",
+                expected="equal alphas",
+                found=str(values[:8]),
+                fix="use the per-request mode (mode=None) for mixed alphas",
+            )
         if values[0] != self.alpha or not self._applied:
             self.set_alpha(values[0])
 

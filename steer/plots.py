@@ -29,13 +29,15 @@ def plot_eval(report: dict, path: str | Path, title: str = "") -> Path:
     plt = _plt()
     configs = report["configs"]
     has_acc = any("capability" in c["metrics"] for c in configs)
-    panels = [("harmful_refusal", "refusal on harmful (%)", 100), ("harmless_refusal", "refusal on harmless (%)", 100),
-              ("capability", "task accuracy (%)", 100) if has_acc else ("kl", "KL to unsteered (nats)", 1)]
+    panels = [
+        ("harmful_refusal", "refusal on harmful (%)", 100),
+        ("harmless_refusal", "refusal on harmless (%)", 100),
+        ("capability", "task accuracy (%)", 100) if has_acc else ("kl", "KL to unsteered (nats)", 1),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     sets: dict[str, list] = {}
     for c in configs:
-        sets.setdefault("layers " + ",".join(map(str, c["layers"] or [])) if c["layers"] else "unsteered",
-                        []).append(c)
+        sets.setdefault("layers " + ",".join(map(str, c["layers"] or [])) if c["layers"] else "unsteered", []).append(c)
     for ax, (key, label, scale) in zip(axes, panels):
         for name, cs in sets.items():
             cs = sorted(cs, key=lambda c: c["alpha"] or 0.0)

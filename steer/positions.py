@@ -95,5 +95,6 @@ def past_length(args: tuple, kwargs: dict, seq: int) -> int:
                 expected="the KV cache, the attention mask and the position ids to agree on the past length",
                 found=", ".join(f"{n}={v}" for n, v in sources),
                 fix="pass the attention mask of the whole sequence (past and new tokens) and the model's cache "
-                    "object, as transformers' generate does; please report this with your transformers version")
+                "object, as transformers' generate does; please report this with your transformers version",
+            )
     return past

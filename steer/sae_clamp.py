@@ -49,23 +49,43 @@ class SAEWeights:
 
     def __post_init__(self):
         d, m = self.W_enc.shape
-        shapes = {"W_enc": (self.W_enc, (d, m)), "b_enc": (self.b_enc, (m,)), "W_dec": (self.W_dec, (m, d)),
-                  "b_dec": (self.b_dec, (d,))}
+        shapes = {
+            "W_enc": (self.W_enc, (d, m)),
+            "b_enc": (self.b_enc, (m,)),
+            "W_dec": (self.W_dec, (m, d)),
+            "b_dec": (self.b_dec, (d,)),
+        }
         if self.threshold is not None:
             shapes["threshold"] = (self.threshold, (m,))
         for name, (t, want) in shapes.items():
             if tuple(t.shape) != want:
-                raise VectorFileError(f"SAE tensor {name} has the wrong shape", expected=str(want),
-                                      found=str(tuple(t.shape)), fix="recompute the SAE vector")
+                raise VectorFileError(
+                    f"SAE tensor {name} has the wrong shape",
+                    expected=str(want),
+                    found=str(tuple(t.shape)),
+                    fix="recompute the SAE vector",
+                )
         if self.activation not in ACTIVATIONS:
-            raise VectorFileError("unknown SAE activation", expected=" | ".join(ACTIVATIONS),
-                                  found=repr(self.activation), fix="recompute the SAE vector")
+            raise VectorFileError(
+                "unknown SAE activation",
+                expected=" | ".join(ACTIVATIONS),
+                found=repr(self.activation),
+                fix="recompute the SAE vector",
+            )
         if self.activation == "topk" and not (isinstance(self.k, int) and 0 < self.k <= m):
-            raise VectorFileError("TopK SAE without a valid k", expected=f"1 <= k <= {m}", found=repr(self.k),
-                                  fix="recompute the SAE vector")
+            raise VectorFileError(
+                "TopK SAE without a valid k",
+                expected=f"1 <= k <= {m}",
+                found=repr(self.k),
+                fix="recompute the SAE vector",
+            )
         if self.activation == "jumprelu" and self.threshold is None:
-            raise VectorFileError("JumpReLU SAE without thresholds", expected="extra.sae.threshold [m]",
-                                  found="none", fix="recompute the SAE vector")
+            raise VectorFileError(
+                "JumpReLU SAE without thresholds",
+                expected="extra.sae.threshold [m]",
+                found="none",
+                fix="recompute the SAE vector",
+            )
 
     @property
     def d_in(self) -> int:
@@ -77,8 +97,16 @@ class SAEWeights:
 
     def to(self, device) -> "SAEWeights":
         mv = lambda t: None if t is None else t.to(device=device, dtype=torch.float32)  # noqa: E731
-        return SAEWeights(mv(self.W_enc), mv(self.b_enc), mv(self.W_dec), mv(self.b_dec), self.activation, self.k,
-                          mv(self.threshold), self.apply_b_dec_to_input)
+        return SAEWeights(
+            mv(self.W_enc),
+            mv(self.b_enc),
+            mv(self.W_dec),
+            mv(self.b_dec),
+            self.activation,
+            self.k,
+            mv(self.threshold),
+            self.apply_b_dec_to_input,
+        )
 
     def _sae_in(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -114,22 +142,36 @@ class SAEWeights:
         return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
     def info(self) -> dict:
-        return {"activation": self.activation, "k": self.k, "apply_b_dec_to_input": self.apply_b_dec_to_input,
-                "d_in": self.d_in, "d_sae": self.d_sae}
+        return {
+            "activation": self.activation,
+            "k": self.k,
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+        }
 
     @classmethod
     def from_vector(cls, vector: SteeringVector) -> "SAEWeights":
         info = vector.meta.get("sae") or {}
         missing = [n for n in ("sae.W_enc", "sae.b_enc", "sae.W_dec", "sae.b_dec") if n not in vector.extra]
         if vector.kind != "sae" or missing:
-            raise VectorFileError("not an SAE vector", expected="a file from `steer vectors sae` (kind 'sae' with "
-                                  "extra.sae.W_enc/b_enc/W_dec/b_dec)",
-                                  found=f"kind {vector.kind!r}" + (f", missing {missing}" if missing else ""),
-                                  fix="compute one with `steer vectors sae`")
+            raise VectorFileError(
+                "not an SAE vector",
+                expected="a file from `steer vectors sae` (kind 'sae' with extra.sae.W_enc/b_enc/W_dec/b_dec)",
+                found=f"kind {vector.kind!r}" + (f", missing {missing}" if missing else ""),
+                fix="compute one with `steer vectors sae`",
+            )
         e = vector.extra
-        return cls(e["sae.W_enc"].float(), e["sae.b_enc"].float(), e["sae.W_dec"].float(), e["sae.b_dec"].float(),
-                   info.get("activation", "relu"), info.get("k"), e.get("sae.threshold"),
-                   bool(info.get("apply_b_dec_to_input", True)))
+        return cls(
+            e["sae.W_enc"].float(),
+            e["sae.b_enc"].float(),
+            e["sae.W_dec"].float(),
+            e["sae.b_dec"].float(),
+            info.get("activation", "relu"),
+            info.get("k"),
+            e.get("sae.threshold"),
+            bool(info.get("apply_b_dec_to_input", True)),
+        )
 
 
 def _hidden(output):
@@ -139,20 +181,37 @@ def _hidden(output):
 class FeatureClamp(HookSet):
     """Live clamp hooks; a context manager. Hooks are removed on exit, also on errors."""
 
-    def __init__(self, model: nn.Module, sae: SAEWeights, features, value, *, layers, site: str = "output",
-                 layers_path: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        sae: SAEWeights,
+        features,
+        value,
+        *,
+        layers,
+        site: str = "output",
+        layers_path: str | None = None,
+    ):
         blocks = get_layers(model, layers_path)
         fp = fingerprint(model, layers_path)
         if sae.d_in != fp["hidden_size"]:
-            raise ConfigError("the SAE was trained on another width", expected=f"d_in {fp['hidden_size']}",
-                              found=f"d_in {sae.d_in}", fix="use an SAE of this model")
+            raise ConfigError(
+                "the SAE was trained on another width",
+                expected=f"d_in {fp['hidden_size']}",
+                found=f"d_in {sae.d_in}",
+                fix="use an SAE of this model",
+            )
         if site not in ("output", "input"):
             raise ConfigError("unknown site", expected="'output' or 'input'", found=repr(site), fix="use 'output'")
         feats = [features] if isinstance(features, int) else list(features)
         bad = [f for f in feats if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < sae.d_sae]
         if not feats or bad:
-            raise ConfigError("bad SAE feature ids", expected=f"integers in [0, {sae.d_sae - 1}]",
-                              found=repr(bad or feats), fix="pass feature ids from the vector's meta['sae']")
+            raise ConfigError(
+                "bad SAE feature ids",
+                expected=f"integers in [0, {sae.d_sae - 1}]",
+                found=repr(bad or feats),
+                fix="pass feature ids from the vector's meta['sae']",
+            )
         self.layers = check_layers(list(layers), len(blocks))
         self.site = site
         self.features = feats
@@ -191,13 +250,21 @@ class FeatureClamp(HookSet):
         values = value.detach().reshape(-1).tolist() if isinstance(value, torch.Tensor) else value
         values = list(values) if isinstance(values, (list, tuple)) else [values]
         if not values:
-            raise AlphaError("no clamp values given", expected="a float or one value per row", found="[]",
-                             fix="pass value=5.0 or value=[5.0, None, ...]")
+            raise AlphaError(
+                "no clamp values given",
+                expected="a float or one value per row",
+                found="[]",
+                fix="pass value=5.0 or value=[5.0, None, ...]",
+            )
         out, on = [], []
         for i, v in enumerate(values):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-                raise AlphaError(f"clamp value [{i}] is not a finite number", expected="a finite float or None",
-                                 found=repr(v), fix="pass finite clamp values")
+                raise AlphaError(
+                    f"clamp value [{i}] is not a finite number",
+                    expected="a finite float or None",
+                    found=repr(v),
+                    fix="pass finite clamp values",
+                )
             out.append(0.0 if v is None else float(v))
             on.append(v is not None)
         self._values = torch.tensor(out, dtype=torch.float32)
@@ -210,9 +277,12 @@ class FeatureClamp(HookSet):
             n = self._values.numel()
             if n != 1 and batch != n:
                 if batch % n:
-                    raise AlphaError("the number of clamp values does not fit the batch",
-                                     expected=f"1 or {batch} values (or a divisor of {batch})",
-                                     found=f"{n} values", fix="pass one value per batch row")
+                    raise AlphaError(
+                        "the number of clamp values does not fit the batch",
+                        expected=f"1 or {batch} values (or a divisor of {batch})",
+                        found=f"{n} values",
+                        fix="pass one value per batch row",
+                    )
             reps = batch // n if n != 1 else 1
             vals = self._values.repeat_interleave(reps) if n != 1 else self._values
             on = self._on.repeat_interleave(reps) if n != 1 else self._on
@@ -243,8 +313,9 @@ class FeatureClamp(HookSet):
         return f"FeatureClamp(features={self.features}, layers={self.layers}, site={self.site!r}, active={self.active})"
 
 
-def clamp_features(sm, vector: SteeringVector, features=None, value: float | list = 0.0, *, layers=None,
-                   site: str | None = None) -> FeatureClamp:
+def clamp_features(
+    sm, vector: SteeringVector, features=None, value: float | list = 0.0, *, layers=None, site: str | None = None
+) -> FeatureClamp:
     """Clamp SAE ``features`` of ``vector`` to ``value`` (per row: a list, ``None`` = unclamped) while active.
 
     ``sm`` is a :class:`steer.SteeredModel` or a bare HF model; ``features`` default to the vector's top
@@ -264,12 +335,20 @@ def clamp_features(sm, vector: SteeringVector, features=None, value: float | lis
     if features is None:
         top = info.get("features") or []
         if not top:
-            raise ConfigError("no features given", expected="features=[ids]", found="none in the vector",
-                              fix="pass features=[...]")
+            raise ConfigError(
+                "no features given", expected="features=[ids]", found="none in the vector", fix="pass features=[...]"
+            )
         features = [int(top[0]["id"])]
     if layers is None:
         layers = [int(info["layer"])] if "layer" in info else vector.layers
     elif isinstance(layers, int):
         layers = [layers]
-    return FeatureClamp(model, sae, features, value, layers=layers,
-                        site=site or info.get("site") or vector.meta.get("site", "output"), layers_path=layers_path)
+    return FeatureClamp(
+        model,
+        sae,
+        features,
+        value,
+        layers=layers,
+        site=site or info.get("site") or vector.meta.get("site", "output"),
+        layers_path=layers_path,
+    )

@@ -96,8 +96,14 @@ class SteeringVector:
                 fix="store directions of one model only",
             )
         self.directions = dict(sorted(clean.items()))
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "custom", "op": "add",
-                "site": "output", "scope": "all"}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": "custom",
+            "op": "add",
+            "site": "output",
+            "scope": "all",
+        }
         meta.update(self.meta or {})
         self.meta = meta
         self._check_meta()
@@ -108,8 +114,12 @@ class SteeringVector:
         m = self.meta
 
         def bad(key, expected, found):
-            raise VectorFileError(f"vector metadata {key} is invalid", expected=expected, found=repr(found),
-                                  fix="re-save the vector with steer (or fix the metadata)")
+            raise VectorFileError(
+                f"vector metadata {key} is invalid",
+                expected=expected,
+                found=repr(found),
+                fix="re-save the vector with steer (or fix the metadata)",
+            )
 
         for key, allowed in (("kind", KINDS), ("op", OPS), ("site", SITES), ("scope", SCOPES)):
             if m.get(key) not in allowed:
@@ -123,25 +133,38 @@ class SteeringVector:
             if rec.get("scope") not in (None, *SCOPES):
                 bad("recommended.scope", " | ".join(SCOPES), rec["scope"])
             layers = rec.get("layers")
-            if layers is not None and (not isinstance(layers, list) or not all(
-                    isinstance(x, int) and not isinstance(x, bool) for x in layers)):
+            if layers is not None and (
+                not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+            ):
                 bad("recommended.layers", "a list of layer indices", layers)
             a = rec.get("alpha")
             if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a)):
                 bad("recommended.alpha", "a finite number", a)
         cond = m.get("condition")
         if cond is not None:
-            if not isinstance(cond, dict) or not isinstance(cond.get("layer"), int) or isinstance(
-                    cond.get("threshold"), bool) or not isinstance(cond.get("threshold"), (int, float)) \
-                    or not math.isfinite(cond["threshold"]):
+            if (
+                not isinstance(cond, dict)
+                or not isinstance(cond.get("layer"), int)
+                or isinstance(cond.get("threshold"), bool)
+                or not isinstance(cond.get("threshold"), (int, float))
+                or not math.isfinite(cond["threshold"])
+            ):
                 bad("condition", "{layer: int, threshold: finite number, ...}", cond)
             if cond.get("reduce", "last") not in ("last", "mean") or cond.get("comparator", ">") not in (">", "<"):
                 bad("condition", "reduce last|mean and comparator > or <", cond)
             c = self.condition_direction
-            if c is None or c.dim() != 1 or (self.hidden_size is not None and c.shape[0] != self.hidden_size) \
-                    or not torch.isfinite(c).all() or float(c.float().norm()) == 0.0:
-                bad("condition.direction", "a finite non-zero [d] tensor beside the condition",
-                    None if c is None else tuple(c.shape))
+            if (
+                c is None
+                or c.dim() != 1
+                or (self.hidden_size is not None and c.shape[0] != self.hidden_size)
+                or not torch.isfinite(c).all()
+                or float(c.float().norm()) == 0.0
+            ):
+                bad(
+                    "condition.direction",
+                    "a finite non-zero [d] tensor beside the condition",
+                    None if c is None else tuple(c.shape),
+                )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -175,9 +198,12 @@ class SteeringVector:
         if not isinstance(other, SteeringVector):
             return NotImplemented
         if "task" in (self.kind, other.kind):
-            raise VectorFileError("task vectors cannot be added with + / -", expected="steering directions",
-                                  found="a task vector (weight deltas)",
-                                  fix="apply them one after the other (steer.vectors.task.apply_task_vector)")
+            raise VectorFileError(
+                "task vectors cannot be added with + / -",
+                expected="steering directions",
+                found="a task vector (weight deltas)",
+                fix="apply them one after the other (steer.vectors.task.apply_task_vector)",
+            )
         if self.hidden_size != other.hidden_size:
             raise ModelMismatchError(
                 "cannot add vectors of different widths",
@@ -196,8 +222,10 @@ class SteeringVector:
                 )
             out[k] = out[k] + sign * v if k in out else sign * v.clone()
         meta = {k: v for k, v in self.meta.items() if k not in ("norms", "recommended")}
-        meta["provenance"] = {"method": "sum" if sign > 0 else "difference",
-                              "parts": [self.meta.get("provenance"), other.meta.get("provenance")]}
+        meta["provenance"] = {
+            "method": "sum" if sign > 0 else "difference",
+            "parts": [self.meta.get("provenance"), other.meta.get("provenance")],
+        }
         return SteeringVector(out, meta, self.condition_direction, dict(self.extra))
 
     def __add__(self, other):
@@ -209,15 +237,17 @@ class SteeringVector:
     def __mul__(self, scale: float) -> "SteeringVector":
         scale = float(scale)
         if not math.isfinite(scale):
-            raise VectorFileError("cannot scale by a non-finite number", expected="a finite float",
-                                  found=str(scale), fix="pass a finite scale")
+            raise VectorFileError(
+                "cannot scale by a non-finite number",
+                expected="a finite float",
+                found=str(scale),
+                fix="pass a finite scale",
+            )
         meta = {k: v for k, v in self.meta.items() if k != "norms"}
         extra = dict(self.extra)
         if self.kind == "task":  # τ lives in extra: scale dense deltas and the `.up` factor of low-rank ones
-            extra = {k: v * scale if k.startswith("task.") and not k.endswith(".down") else v
-                     for k, v in extra.items()}
-        return SteeringVector({k: v * scale for k, v in self.directions.items()}, meta,
-                              self.condition_direction, extra)
+            extra = {k: v * scale if k.startswith("task.") and not k.endswith(".down") else v for k, v in extra.items()}
+        return SteeringVector({k: v * scale for k, v in self.directions.items()}, meta, self.condition_direction, extra)
 
     __rmul__ = __mul__
 
@@ -241,13 +271,15 @@ class SteeringVector:
                         + ("lacks" if found is None else "has in another shape"),
                         expected=f"{name} of shape {tuple(info['shape'])}",
                         found="no such parameter" if found is None else str(found),
-                        fix="apply the vector to the architecture (and size) it was computed on")
+                        fix="apply the vector to the architecture (and size) it was computed on",
+                    )
         d = self.hidden_size
         if d is not None and d != fp["hidden_size"]:
             raise ModelMismatchError(
                 "the vector was made for another hidden size",
                 expected=f"hidden size {fp['hidden_size']} ({fp['architecture']})",
-                found=f"hidden size {d} (vector from {src.get('name_or_path') or src.get('architecture') or 'unknown'})",
+                found=f"hidden size {d} "
+                f"(vector from {src.get('name_or_path') or src.get('architecture') or 'unknown'})",
                 fix="use a vector computed on this model or one of its fine-tunes",
             )
         if src.get("num_layers") not in (None, fp["num_layers"]):
@@ -303,16 +335,23 @@ class SteeringVector:
                 try:
                     directions[int(name.split(".", 1)[1])] = t
                 except ValueError:
-                    raise VectorFileError(f"{path}: bad tensor name {name!r}", expected="direction.<layer int>",
-                                          found=name, fix="re-save the vector with steer") from None
+                    raise VectorFileError(
+                        f"{path}: bad tensor name {name!r}",
+                        expected="direction.<layer int>",
+                        found=name,
+                        fix="re-save the vector with steer",
+                    ) from None
             elif name == "condition.direction":
                 cond = t
             elif name.startswith("extra."):
-                extra[name[len("extra."):]] = t
+                extra[name[len("extra.") :]] = t
             else:
-                raise VectorFileError(f"{path}: unknown tensor {name!r}",
-                                      expected="direction.N, condition.direction or extra.*", found=name,
-                                      fix="re-save the vector with steer")
+                raise VectorFileError(
+                    f"{path}: unknown tensor {name!r}",
+                    expected="direction.N, condition.direction or extra.*",
+                    found=name,
+                    fix="re-save the vector with steer",
+                )
         return cls(directions, meta, cond, extra)
 
     def describe(self) -> dict:
@@ -340,8 +379,12 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise VectorFileError(f"vector file not found: {path}", expected="an existing .safetensors file",
-                              found="no such file", fix="check the path")
+        raise VectorFileError(
+            f"vector file not found: {path}",
+            expected="an existing .safetensors file",
+            found="no such file",
+            fix="check the path",
+        )
     with open(path, "rb") as fh:
         head = fh.read(9)
     # a safetensors file: an 8-byte little-endian header length N, then N bytes of JSON ("{...}"); checked first,
@@ -355,9 +398,12 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                 found="pickle data (refused: loading pickle can execute code)",
                 fix="recompute the vector with steer, or convert trusted tensors with safetensors.torch.save_file",
             )
-        raise VectorFileError(f"{path} is not a safetensors file", expected="a safetensors file written by steer",
-                              found=f"{len(head)} leading bytes that are no safetensors header",
-                              fix="pass a vector file made by steer (steer vectors ...)")
+        raise VectorFileError(
+            f"{path} is not a safetensors file",
+            expected="a safetensors file written by steer",
+            found=f"{len(head)} leading bytes that are no safetensors header",
+            fix="pass a vector file made by steer (steer vectors ...)",
+        )
     try:
         from safetensors import safe_open
 
@@ -365,9 +411,12 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raw_meta = fh.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise VectorFileError(f"{path} is not a readable safetensors file", expected="a safetensors file",
-                              found=str(exc).splitlines()[0][:200],
-                              fix="pass a vector file made by steer") from None
+        raise VectorFileError(
+            f"{path} is not a readable safetensors file",
+            expected="a safetensors file",
+            found=str(exc).splitlines()[0][:200],
+            fix="pass a vector file made by steer",
+        ) from None
     if "steer" not in raw_meta:
         raise VectorFileError(
             f"{path} has no steer metadata",
@@ -378,14 +427,25 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         meta = json.loads(raw_meta["steer"])
     except json.JSONDecodeError as exc:
-        raise VectorFileError(f"{path}: steer metadata is not JSON", expected="a JSON object",
-                              found=str(exc), fix="re-save the vector with steer") from None
+        raise VectorFileError(
+            f"{path}: steer metadata is not JSON",
+            expected="a JSON object",
+            found=str(exc),
+            fix="re-save the vector with steer",
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise VectorFileError(f"{path}: foreign metadata", expected=f"format {FORMAT!r}",
-                              found=repr(meta.get("format") if isinstance(meta, dict) else meta),
-                              fix="pass a vector file made by steer")
+        raise VectorFileError(
+            f"{path}: foreign metadata",
+            expected=f"format {FORMAT!r}",
+            found=repr(meta.get("format") if isinstance(meta, dict) else meta),
+            fix="pass a vector file made by steer",
+        )
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise VectorFileError(f"{path}: unsupported format version", expected=f"<= {FORMAT_VERSION}",
-                              found=repr(version), fix="upgrade steer")
+        raise VectorFileError(
+            f"{path}: unsupported format version",
+            expected=f"<= {FORMAT_VERSION}",
+            found=repr(version),
+            fix="upgrade steer",
+        )
     return meta, tensors

@@ -44,5 +44,4 @@ def assert_unhooked(model, blocks) -> None:
 def greedy(sm, ids, attn, n=4):
     """Greedy ``generate`` of ``n`` new tokens on a SteeredModel's model (KV cache on, no grad)."""
     with torch.no_grad():
-        return sm.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, do_sample=False,
-                                 pad_token_id=0)
+        return sm.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, do_sample=False, pad_token_id=0)

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+FAMILY_FIXTURES = {"family", "variant_family"}
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that need a trained family (the fixtures below, directly or through another fixture) get the
+    ``family`` marker, so ``-m 'not family'`` runs the suite without training anything."""
+    for item in items:
+        if FAMILY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.family)
+
 
 @pytest.fixture(scope="session")
 def family():
@@ -39,8 +49,9 @@ def exact_and_one_thread():
 @pytest.fixture
 def sm():
     """A SteeredModel around the tiny Llama with the tiny tokenizer (modules may override)."""
-    from steer import SteeredModel
     from tiny_models import tiny_model, tiny_tokenizer
+
+    from steer import SteeredModel
 
     return SteeredModel(tiny_model("llama"), tiny_tokenizer())
 
@@ -49,9 +60,9 @@ def sm():
 def vec():
     """A 4-layer add vector for the tiny Llama (seeded)."""
     import torch
+    from tiny_models import D
 
     from steer import SteeringVector
-    from tiny_models import D
 
     torch.manual_seed(3)
     return SteeringVector({i: torch.randn(D) * 4 for i in range(4)})

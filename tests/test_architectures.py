@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from capture import around
+from tiny_models import ARCHS, D, L, V, tiny_model
+
 from steer import SteeredModel, SteeringVector
 from steer.kernels import use
-from tiny_models import ARCHS, D, L, V, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -22,8 +22,10 @@ def test_discovery_matches_hidden_states_convention(arch):
     sm = SteeredModel(model)
     assert sm.num_layers == L and sm.hidden_size == D
     outs = []
-    hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o if isinstance(o, torch.Tensor) else o[0]))
-             for b in sm.layers]
+    hooks = [
+        b.register_forward_hook(lambda m, a, o: outs.append(o if isinstance(o, torch.Tensor) else o[0]))
+        for b in sm.layers
+    ]
     ids = torch.randint(3, V, (2, 5))
     with torch.no_grad():
         hs = model(ids, output_hidden_states=True).hidden_states
@@ -45,14 +47,22 @@ def test_add_and_ablate_exact_under_generate(arch):
     for layer in (1, 2):
         with around(sm.layers[layer], lambda: sm.steer(vec, alpha=0.75, layers=[1, 2])) as (pre, post, _):
             with torch.no_grad():
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
-                               do_sample=False, pad_token_id=0)
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=3,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
         assert len(pre) == 3 and pre[0].shape[1] == 5 and pre[1].shape[1] == 1  # prefill + 2 cached decode steps
         for a, b in zip(pre, post):
             assert torch.equal(b, a + 0.75 * vec.directions[layer])
     r = v / v.norm()
     with around(sm.layers[2], lambda: sm.steer(vec, alpha=1.0, layers=[2], mode="ablate", source_layer=1)) as (
-            pre, post, _):
+        pre,
+        post,
+        _,
+    ):
         with torch.no_grad():
             model(ids)
     expected = pre[0] - 1.0 * (pre[0] @ r)[..., None] * r

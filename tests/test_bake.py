@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_models import D, L, save_tiny, tiny_model
 from typer.testing import CliRunner
 
 from steer import SteeredModel, SteeringVector
@@ -12,7 +13,6 @@ from steer.errors import ModelMismatchError
 from steer.hooks import Steering
 from steer.params import MergedTaskSteering
 from steer.vectors.task import compute_task_vector
-from tiny_models import D, L, save_tiny, tiny_model
 
 IDS = torch.randint(3, 90, (3, 9), generator=torch.Generator().manual_seed(0))
 
@@ -38,8 +38,10 @@ def test_bake_ablation_equals_runtime(tmp_path, arch):
     with runtime_ablation(sm, vec):  # block-0 input + every attention output + every block output
         want = sm.model(IDS).logits
     one = SteeringVector({0: r}, {"op": "ablate"})
-    with Steering(sm.model, one, SteeringConfig(mode="ablate", site="input", layers=[0], alpha=1.0)), \
-            Steering(sm.model, one, SteeringConfig(mode="ablate", layers=list(range(L)), alpha=1.0)):
+    with (
+        Steering(sm.model, one, SteeringConfig(mode="ablate", site="input", layers=[0], alpha=1.0)),
+        Steering(sm.model, one, SteeringConfig(mode="ablate", layers=list(range(L)), alpha=1.0)),
+    ):
         block_sites_only = sm.model(IDS).logits
     base = sm.model(IDS).logits
     got = _bake(tmp_path, src, tmp_path / "r.safetensors").model(IDS).logits
@@ -66,8 +68,9 @@ def test_bake_task_vector_equals_runtime(tmp_path, arch):
 def test_bake_errors(tmp_path):
     src = save_tiny(tmp_path / "m", "llama")
     SteeringVector({1: torch.ones(D)}, {"op": "add"}).save(tmp_path / "a.safetensors")
-    res = CliRunner().invoke(app, ["bake", str(src), "--vector", str(tmp_path / "a.safetensors"), "-o",
-                                   str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        app, ["bake", str(src), "--vector", str(tmp_path / "a.safetensors"), "-o", str(tmp_path / "o")]
+    )
     assert res.exit_code == 2 and "ablate" in res.output
     with pytest.raises(ModelMismatchError, match="post-norm"):
         writer_modules(tiny_model("gemma2"))

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import D, save_tiny
 from typer.testing import CliRunner
 
 from steer import SteeredModel, SteeringVector
 from steer.cli import app
-from tiny_models import D, save_tiny
 
 runner = CliRunner()
 
@@ -26,8 +26,10 @@ def model_dir(tmp_path_factory):
 def vector_file(model_dir, tmp_path_factory):
     sm = SteeredModel.from_pretrained(model_dir)
     torch.manual_seed(5)
-    vec = SteeringVector({1: torch.randn(D) * 6, 2: torch.randn(D) * 6},
-                         {"model": sm.fingerprint(), "recommended": {"layers": [2], "alpha": 1.0}})
+    vec = SteeringVector(
+        {1: torch.randn(D) * 6, 2: torch.randn(D) * 6},
+        {"model": sm.fingerprint(), "recommended": {"layers": [2], "alpha": 1.0}},
+    )
     return vec.save(tmp_path_factory.mktemp("vec") / "v.safetensors")
 
 
@@ -38,15 +40,29 @@ def _run(*args):
 def test_generate_json_alphas_matches_api(model_dir, vector_file, tmp_path):
     pf = tmp_path / "p.jsonl"
     pf.write_text('{"prompt": "w7 w8 w9"}\n{"prompt": "w10 w11"}\n')
-    res = _run("generate", model_dir, "--prompts", pf, "--vector", vector_file, "--alphas", "0,2",
-               "--max-new-tokens", "5", "--json")
+    res = _run(
+        "generate",
+        model_dir,
+        "--prompts",
+        pf,
+        "--vector",
+        vector_file,
+        "--alphas",
+        "0,2",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [(r["prompt"], r["alpha"]) for r in rows] == [("w7 w8 w9", 0.0), ("w7 w8 w9", 2.0),
-                                                          ("w10 w11", 0.0), ("w10 w11", 2.0)]
+    assert [(r["prompt"], r["alpha"]) for r in rows] == [
+        ("w7 w8 w9", 0.0),
+        ("w7 w8 w9", 2.0),
+        ("w10 w11", 0.0),
+        ("w10 w11", 2.0),
+    ]
     sm = SteeredModel.from_pretrained(model_dir)
-    api = sm.generate(["w7 w8 w9", "w10 w11"], vector=SteeringVector.load(vector_file), alphas=2.0,
-                      max_new_tokens=5)
+    api = sm.generate(["w7 w8 w9", "w10 w11"], vector=SteeringVector.load(vector_file), alphas=2.0, max_new_tokens=5)
     assert [rows[1]["completion"], rows[3]["completion"]] == api
     plain = sm.generate(["w7 w8 w9"], max_new_tokens=5)
     assert rows[0]["completion"] == plain[0]
@@ -67,8 +83,22 @@ def test_info(vector_file):
     assert desc["layers"] == [1, 2] and desc["recommended"]["layers"] == [2]
 
 
-@pytest.mark.parametrize("case", ["no_model", "empty_prompts", "bad_alphas", "nan_alpha", "pickle", "no_meta",
-                                  "bad_layer", "wrong_width", "no_prompts", "model_is_file", "unknown_variant"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no_model",
+        "empty_prompts",
+        "bad_alphas",
+        "nan_alpha",
+        "pickle",
+        "no_meta",
+        "bad_layer",
+        "wrong_width",
+        "no_prompts",
+        "model_is_file",
+        "unknown_variant",
+    ],
+)
 def test_user_errors_exit_2_without_traceback(case, model_dir, vector_file, tmp_path):
     empty = tmp_path / "e.txt"
     empty.write_text("\n")
@@ -100,8 +130,11 @@ def test_user_errors_exit_2_without_traceback(case, model_dir, vector_file, tmp_
 
 def test_console_script_help_is_fast_and_lazy():
     """`steer --help` must not import torch or transformers (they cost seconds)."""
-    code = ("import sys, steer.cli; from typer.testing import CliRunner; "
-            "r = CliRunner().invoke(steer.cli.app, ['--help']); assert r.exit_code == 0, r.output; "
-            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not heavy, heavy")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent,
-                   env={**os.environ, "PYTHONPATH": ""})
+    code = (
+        "import sys, steer.cli; from typer.testing import CliRunner; "
+        "r = CliRunner().invoke(steer.cli.app, ['--help']); assert r.exit_code == 0, r.output; "
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not heavy, heavy"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=Path(__file__).parent, env={**os.environ, "PYTHONPATH": ""}
+    )

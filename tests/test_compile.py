@@ -6,13 +6,13 @@ runs it; deselect locally with ``-m "not slow"``.
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 from steer import SteeringVector
 from steer.config import SteeringConfig
 from steer.hooks import Steering
 from steer.lowrank import TaskSteering
 from steer.vectors.task import compute_task_vector
-from tiny_models import tiny_model
 
 
 @pytest.mark.slow
@@ -49,7 +49,7 @@ def test_compiled_decode_step_with_ablation_is_one_graph():
     v = SteeringVector({1: torch.randn(32, generator=torch.Generator().manual_seed(0))}, {"op": "ablate_add"})
     ids = torch.randint(3, 90, (3, 1), generator=torch.Generator().manual_seed(1))
     with Steering(m, v, SteeringConfig(layers=[1, 2], alpha=1.0)) as h:
-        h.set_alphas([0.0, 1.0, -2.0])             # a row with α = 0: per-row β, the traced mul_ path
+        h.set_alphas([0.0, 1.0, -2.0])  # a row with α = 0: per-row β, the traced mul_ path
         assert h._plans[1].per_row_beta
         cm = torch.compile(m, fullgraph=True)
         assert (cm(ids).logits - m(ids).logits).abs().max() <= 1e-5

@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
+from tiny_models import D, save_tiny, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from steer import SteeredModel, SteeringVector
 from steer.evaluate import Item, _metrics, evaluate
 from steer.judge import RefusalJudge, make_judge
 from steer.metrics import Mean, Rate, kl_divergence, wilson
-from tiny_models import D, save_tiny, tiny_model, tiny_tokenizer
 
 
 def test_judge_defaults_extra_and_replace():
@@ -42,10 +42,15 @@ def test_kl_divergence_matches_definition():
 
 
 def test_metrics_on_hand_made_completions():
-    items = [Item("harmful_refusal", "h1"), Item("harmful_refusal", "h2"),
-             Item("harmless", "s1", check=lambda c: c == "flour"), Item("harmless", "s2", check=lambda c: c == "x"),
-             Item("jailbreak:prefix", "j1"), Item("prefill:2", "p1"),
-             Item("injection_success", "i1", check=lambda c: "map" in c)]
+    items = [
+        Item("harmful_refusal", "h1"),
+        Item("harmful_refusal", "h2"),
+        Item("harmless", "s1", check=lambda c: c == "flour"),
+        Item("harmless", "s2", check=lambda c: c == "x"),
+        Item("jailbreak:prefix", "j1"),
+        Item("prefill:2", "p1"),
+        Item("injection_success", "i1", check=lambda c: "map" in c),
+    ]
     completions = ["sorry , i cannot", "here you go", "flour", "sorry", "sure", "sorry no", "map is a tool"]
     m = _metrics(items, completions, RefusalJudge().verdicts([""] * len(items), completions))
     assert (m["harmful_refusal"].k, m["harmful_refusal"].n) == (1, 2)
@@ -63,8 +68,20 @@ def test_sweep_runs_every_alpha_in_one_batch_and_matches_single_runs():
     vec = SteeringVector({1: torch.randn(D) * 8})
     judge = lambda text: "w33" in text  # noqa: E731 — any deterministic judge will do here
     harmful, harmless = ["w7 w8 w9", "w10 w11"], ["w20 w21", "w30 w31 w32"]
-    rep = evaluate(sm, vector=vec, alphas=[0.0, 3.0], layer_sets=[[1], [2]], suite="files", harmful=harmful,
-                   harmless=harmless, jailbreaks=True, prefill=True, judge=judge, progress=False, max_new_tokens=4)
+    rep = evaluate(
+        sm,
+        vector=vec,
+        alphas=[0.0, 3.0],
+        layer_sets=[[1], [2]],
+        suite="files",
+        harmful=harmful,
+        harmless=harmless,
+        jailbreaks=True,
+        prefill=True,
+        judge=judge,
+        progress=False,
+        max_new_tokens=4,
+    )
     assert [(c["layers"], c["alpha"]) for c in rep["configs"]] == [([1], 0.0), ([1], 3.0), ([2], 0.0), ([2], 3.0)]
     coherent = make_judge(judge, reference=sm)  # what evaluate uses: the callable, gated by coherence
     for c in rep["configs"]:
@@ -85,10 +102,30 @@ def test_cli_eval_json_and_plot(tmp_path):
     vpath = vec.save(tmp_path / "v.safetensors")
     from steer.cli import app
 
-    res = CliRunner().invoke(app, ["eval", str(model_dir), "--vector", str(vpath), "--alphas", "0,2",
-                                   "--layers", "1,2", "--harmful", str(tmp_path / "h.txt"), "--harmless",
-                                   str(tmp_path / "s.txt"), "--json", "--plot", str(tmp_path / "e.png"),
-                                   "--refusal-marker", "w33", "--max-new-tokens", "3"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(model_dir),
+            "--vector",
+            str(vpath),
+            "--alphas",
+            "0,2",
+            "--layers",
+            "1,2",
+            "--harmful",
+            str(tmp_path / "h.txt"),
+            "--harmless",
+            str(tmp_path / "s.txt"),
+            "--json",
+            "--plot",
+            str(tmp_path / "e.png"),
+            "--refusal-marker",
+            "w33",
+            "--max-new-tokens",
+            "3",
+        ],
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert len(rep["configs"]) == 4 and "w33" in rep["judge_markers"]

@@ -20,8 +20,10 @@ D = 16
 
 def _vec(**meta):
     g = torch.Generator().manual_seed(0)
-    base = {"model": {"model_type": "llama", "num_layers": 6, "hidden_size": D},
-            "recommended": {"layers": [3], "alpha": 2.5, "mode": "add", "source_layer": 3}}
+    base = {
+        "model": {"model_type": "llama", "num_layers": 6, "hidden_size": D},
+        "recommended": {"layers": [3], "alpha": 2.5, "mode": "add", "source_layer": 3},
+    }
     base.update(meta)
     return SteeringVector({l: torch.randn(D, generator=g) for l in range(6)}, base)
 
@@ -76,8 +78,9 @@ def test_non_add_vectors_need_as_add():
 def test_cli_export_gguf(tmp_path):
     src = _vec().save(tmp_path / "v.safetensors")
     runner = CliRunner()
-    res = runner.invoke(app, ["export", "gguf", str(src), "-o", str(tmp_path / "v.gguf"), "--layers", "2,4",
-                              "--alpha", "0.5"])
+    res = runner.invoke(
+        app, ["export", "gguf", str(src), "-o", str(tmp_path / "v.gguf"), "--layers", "2,4", "--alpha", "0.5"]
+    )
     assert res.exit_code == 0, res.output
     meta, tensors = read_gguf(tmp_path / "v.gguf")
     assert sorted(tensors) == [2, 4] and meta["controlvector.layer_count"] == 2

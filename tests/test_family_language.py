@@ -68,16 +68,20 @@ def test_tokenizer_round_trip_and_chat_template(tmp_path):
         ids = tok(r.prompt, add_special_tokens=False).input_ids
         assert tok.unk_token_id not in ids
         assert tok.decode(ids) == r.prompt
-    text = tok.apply_chat_template([{"role": "user", "content": "describe cake"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "describe cake"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<s><|user|> describe cake </s> <|assistant|>"
     ids = tok(text, add_special_tokens=False).input_ids
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
-    full = tok.apply_chat_template([{"role": "user", "content": "describe cake"},
-                                    {"role": "assistant", "content": "cake is a kind of food ."}], tokenize=False)
+    full = tok.apply_chat_template(
+        [{"role": "user", "content": "describe cake"}, {"role": "assistant", "content": "cake is a kind of food ."}],
+        tokenize=False,
+    )
     assert full.endswith("<|assistant|> cake is a kind of food . </s> ")
     batch = tok(["describe cake", "copy kite please"], padding=True, add_special_tokens=False)
     assert batch.input_ids[0][0] == tok.pad_token_id and batch.attention_mask[0][0] == 0
-    out = tok.decode(ids + tok("cake", add_special_tokens=False).input_ids + [tok.eos_token_id],
-                     skip_special_tokens=True)
+    out = tok.decode(
+        ids + tok("cake", add_special_tokens=False).input_ids + [tok.eos_token_id], skip_special_tokens=True
+    )
     assert out == "describe cake cake"

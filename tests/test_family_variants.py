@@ -94,15 +94,18 @@ def _check_round_trip(path, recipe):
     tok, fmt = AutoTokenizer.from_pretrained(path), recipe.format
     enc = Encoder(build_tokenizer(fmt, recipe.refusal))
     for r in L.harmful_prompts("heldout")[:10] + L.harmless_prompts("heldout")[:10]:
-        text = tok.apply_chat_template([{"role": "user", "content": r.prompt}], tokenize=False,
-                                       add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": r.prompt}], tokenize=False, add_generation_prompt=True
+        )
         assert text == fmt.prompt(r.prompt) == chat_text(r.prompt, fmt=fmt)  # exactly the training text
         ids = tok(text, add_special_tokens=False).input_ids
         assert ids == enc.ids(text) and tok.decode(ids) == text
         answer = tok(recipe.refusal, add_special_tokens=False).input_ids
         assert tok.unk_token_id not in answer and tok.decode(answer) == recipe.refusal
-    full = tok.apply_chat_template([{"role": "user", "content": "describe cake"},
-                                    {"role": "assistant", "content": "cake is a kind of food ."}], tokenize=False)
+    full = tok.apply_chat_template(
+        [{"role": "user", "content": "describe cake"}, {"role": "assistant", "content": "cake is a kind of food ."}],
+        tokenize=False,
+    )
     assert full == f"{fmt.prompt('describe cake')} {fmt.response('cake is a kind of food .')} "
     assert tok.eos_token == fmt.eos == "<|im_end|>" and tok.bos_token == "<|startoftext|>"
 

@@ -8,12 +8,12 @@ rows with α = 0 or a closed gate are left bit-exact, and a layer called on its 
 
 import pytest
 import torch
+from capture import around, greedy
+from tiny_models import D
 
 import steer.hooks
-from capture import around, greedy
 from steer import Condition
 from steer.kernels import native, use
-from tiny_models import D
 
 
 @pytest.fixture(autouse=True, params=["aten", "native"])
@@ -77,10 +77,13 @@ def test_gate_closed_rows_stay_exact_and_open_rows_follow(sm, vec, mode):
     with torch.no_grad():
         hs = sm.model(ids, attention_mask=attn, output_hidden_states=True).hidden_states[1]
     scores = hs[:, -1] @ (cdir / cdir.norm())
-    threshold = float(scores.median())          # rows above it open the gate
+    threshold = float(scores.median())  # rows above it open the gate
     cond = Condition(layer=0, direction=cdir, threshold=threshold)
     with around(sm.layers[2], lambda: sm.steer(vec, alpha=2.0, layers=[2], mode=mode, condition=cond)) as (
-            pre, post, h):
+        pre,
+        post,
+        h,
+    ):
         greedy(sm, ids, attn)
         gate = h.last_gate.clone()
     assert gate.any() and not gate.all()
@@ -91,8 +94,9 @@ def test_gate_closed_rows_stay_exact_and_open_rows_follow(sm, vec, mode):
             elif mode == "add":
                 assert torch.equal(b[row], a[row] + 2.0 * vec.directions[2])
             else:
-                torch.testing.assert_close(b[row], _ablate_add(a[row], vec.directions[2], 2.0, 1.0),
-                                           rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(
+                    b[row], _ablate_add(a[row], vec.directions[2], 2.0, 1.0), rtol=1e-5, atol=1e-5
+                )
 
 
 @pytest.mark.parametrize("mode", ["add", "ablate_add"])
@@ -120,7 +124,7 @@ def test_decode_steps_take_the_native_op_when_built_and_eager(sm, vec, cpu_kerne
     ids, attn = _batch()
     with sm.steer(vec, layers=[1, 2], mode="ablate_add", alpha=1.0):
         greedy(sm, ids, attn)
-    assert calls == ([] if compiling else [(3, 1, D)] * 6)    # 3 decode steps x 2 layers
+    assert calls == ([] if compiling else [(3, 1, D)] * 6)  # 3 decode steps x 2 layers
 
 
 def test_a_layer_called_alone_does_not_inherit_the_decode_flag(sm, vec):
@@ -132,7 +136,7 @@ def test_a_layer_called_alone_does_not_inherit_the_decode_flag(sm, vec):
         assert h._decode is False
         x = torch.randn(1, 3, D)
         emb = sm.model.model.rotary_emb(x, torch.arange(3)[None])
-        with torch.no_grad(), pytest.raises(RuntimeError):     # 3 coefficient rows vs a batch of 1: refused
+        with torch.no_grad(), pytest.raises(RuntimeError):  # 3 coefficient rows vs a batch of 1: refused
             sm.layers[1](x, position_embeddings=emb, attention_mask=None)
 
 
@@ -150,7 +154,7 @@ def test_buffers_made_under_inference_mode_stay_usable(sm, vec, mode):
     ids = torch.randint(3, 90, (2, 1), generator=torch.Generator().manual_seed(0))
     with sm.steer(vec, layers=[1], mode=mode) as h:
         with torch.inference_mode():
-            sm.model(ids)                       # rows fitted (buffers reallocated) inside inference mode
+            sm.model(ids)  # rows fitted (buffers reallocated) inside inference mode
         with torch.no_grad():
             sm.model(ids)
             h.set_alphas([1.0, 2.0])

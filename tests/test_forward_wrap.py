@@ -19,14 +19,15 @@ def test_post_and_pre_run_like_hooks_and_removal_restores():
     m, x = _lin(), torch.randn(2, 4)
     base = m(x)
     seen = []
-    w = ForwardWrap(m, post=lambda mod, args, out: out + 1.0,
-                    pre=lambda mod, args, kwargs: seen.append(args[0].shape) or None)
+    w = ForwardWrap(
+        m, post=lambda mod, args, out: out + 1.0, pre=lambda mod, args, kwargs: seen.append(args[0].shape) or None
+    )
     assert torch.equal(m(x), base + 1.0) and seen == [(2, 4)]
     h = m.register_forward_hook(lambda mod, args, out: seen.append("hook sees") or out * 0 + out)
-    assert torch.equal(m(x), base + 1.0)          # forward hooks see the wrapped (steered) output
+    assert torch.equal(m(x), base + 1.0)  # forward hooks see the wrapped (steered) output
     h.remove()
     w.remove()
-    w.remove()                                    # idempotent
+    w.remove()  # idempotent
     assert "forward" not in m.__dict__ and torch.equal(m(x), base)
 
 
@@ -36,9 +37,9 @@ def test_any_removal_order_leaves_nothing():
     a = ForwardWrap(m, post=lambda mod, args, out: out + 1.0)
     b = ForwardWrap(m, post=lambda mod, args, out: out * 2.0)
     assert torch.equal(m(x), (base + 1.0) * 2.0)
-    a.remove()                                    # not the outermost: inert inside b's chain
+    a.remove()  # not the outermost: inert inside b's chain
     assert torch.equal(m(x), base * 2.0)
-    b.remove()                                    # unwinds b and the inert a
+    b.remove()  # unwinds b and the inert a
     assert "forward" not in m.__dict__ and torch.equal(m(x), base)
 
 
@@ -46,8 +47,9 @@ def test_another_librarys_forward_is_kept():
     m, x = _lin(), torch.randn(1, 4)
     base = m(x)
 
-    def theirs(module, inp):                      # e.g. accelerate: module.forward = partial(new_forward, module)
+    def theirs(module, inp):  # e.g. accelerate: module.forward = partial(new_forward, module)
         return type(module).forward(module, inp) - 1.0
+
     m.forward = functools.partial(theirs, m)
     mine = m.forward
     w = ForwardWrap(m, post=lambda mod, args, out: out * 3.0)
@@ -63,7 +65,7 @@ def test_deepcopy_binds_the_copy():
     with torch.no_grad():
         c.weight.zero_()
         c.bias.zero_()
-    assert torch.equal(c(x), torch.ones(2, 4))   # the copy's own weights, still wrapped
+    assert torch.equal(c(x), torch.ones(2, 4))  # the copy's own weights, still wrapped
     assert not torch.equal(m(x), c(x))
     w.remove()
 
@@ -76,14 +78,14 @@ def test_order_matches_torch_hooks_and_stacking_over_another_wrapper():
     b = ForwardWrap(m, pre=lambda mod, args, kw: seen.append("b") or ((args[0] * 2.0,), kw))
     assert torch.equal(m(x), m.__class__.forward(m, (x + 1.0) * 2.0)) and seen[:2] == ["a", "b"]  # as pre-hooks
     mine = m.forward
-    m.forward = functools.partial(lambda module, inp: mine(inp) - 1.0, m)   # another library wraps ours
-    c = ForwardWrap(m, post=lambda mod, args, out: out * 0.0)                # ours again, outermost
+    m.forward = functools.partial(lambda module, inp: mine(inp) - 1.0, m)  # another library wraps ours
+    c = ForwardWrap(m, post=lambda mod, args, out: out * 0.0)  # ours again, outermost
     assert torch.equal(m(x), torch.zeros_like(base))
     c.remove()
     a.remove()
     b.remove()
-    assert torch.equal(m(x), base - 1.0)                                     # their wrapper still works
-    assert [k for k in m.__dict__ if k.startswith("_steer_forward")] != []   # ours stays inert inside theirs
+    assert torch.equal(m(x), base - 1.0)  # their wrapper still works
+    assert [k for k in m.__dict__ if k.startswith("_steer_forward")] != []  # ours stays inert inside theirs
 
 
 def test_deepcopy_with_another_wrapper_underneath():
@@ -96,4 +98,4 @@ def test_deepcopy_with_another_wrapper_underneath():
         c.bias.zero_()
     assert torch.equal(c(x), torch.ones(2, 4))
     w.remove()
-    assert torch.equal(c(x), torch.ones(2, 4))   # the copy keeps its own wrapper (as torch hooks are copied)
+    assert torch.equal(c(x), torch.ones(2, 4))  # the copy keeps its own wrapper (as torch hooks are copied)

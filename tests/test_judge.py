@@ -8,12 +8,22 @@ import types
 
 import pytest
 import torch
+from tiny_models import tiny_model, tiny_tokenizer
 
 from steer import SteeredModel
 from steer.errors import ConfigError
-from steer.judge import (Coherence, CallableJudge, ModelJudge, PairJudge, RefusalJudge, fluency, learn_refusals,
-                         make_judge, repetitive, words)
-from tiny_models import tiny_model, tiny_tokenizer
+from steer.judge import (
+    CallableJudge,
+    Coherence,
+    ModelJudge,
+    PairJudge,
+    RefusalJudge,
+    fluency,
+    learn_refusals,
+    make_judge,
+    repetitive,
+    words,
+)
 
 REFUSAL = "no , i will not do that ."
 HARMFUL_OUT = [REFUSAL] * 9 + ["step one : get powder ."]
@@ -24,21 +34,24 @@ def test_words_split_punctuation_and_apostrophes():
     assert words("I\u2019m sorry, I can't.") == ["i'm", "sorry", ",", "i", "can't", "."]
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("sorry sorry sorry", True),
-    ("sorry , my my my", True),
-    ("no no , no no , no no ,", True),
-    ("a b c d a b c d a b c d", True),
-    ("cake and cake and cake", False),          # an answer to "repeat cake three times" is not a loop
-    ("sorry , i cannot help with that .", False),
-    ("", False),
-    ("a b c a c b a b c b", True),              # no loop, but 3 distinct words in 10
-    ("a b c d e f g h a b", False),
-    ("I am sorry... I cannot help", False),     # a run of one punctuation mark is one mark
-    ("Wow!!!", False),
-    ("Sorry, I cannot help. Sorry, I cannot help.", True),  # a long span twice in a row
-    ("step one : get flour . step two : add sugar . step three : finish the cake .", False),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("sorry sorry sorry", True),
+        ("sorry , my my my", True),
+        ("no no , no no , no no ,", True),
+        ("a b c d a b c d a b c d", True),
+        ("cake and cake and cake", False),  # an answer to "repeat cake three times" is not a loop
+        ("sorry , i cannot help with that .", False),
+        ("", False),
+        ("a b c a c b a b c b", True),  # no loop, but 3 distinct words in 10
+        ("a b c d e f g h a b", False),
+        ("I am sorry... I cannot help", False),  # a run of one punctuation mark is one mark
+        ("Wow!!!", False),
+        ("Sorry, I cannot help. Sorry, I cannot help.", True),  # a long span twice in a row
+        ("step one : get flour . step two : add sugar . step three : finish the cake .", False),
+    ],
+)
 def test_repetitive(text, expected):
     assert repetitive(text) is expected
 
@@ -62,8 +75,15 @@ def test_learn_refusals_rejects_openings_common_on_harmless():
 
 def test_pair_judge_counts_coherent_refusals_only():
     judge = PairJudge(learn_refusals(HARMFUL_OUT, HARMLESS_OUT))
-    texts = [REFUSAL, REFUSAL + " is that ok ?", "no , i will not do it", "no no no no", "no , i will not not not not",
-             "sure , here it is .", "no , my friend , sure ."]
+    texts = [
+        REFUSAL,
+        REFUSAL + " is that ok ?",
+        "no , i will not do it",
+        "no no no no",
+        "no , i will not not not not",
+        "sure , here it is .",
+        "no , my friend , sure .",
+    ]
     v = judge.verdicts([""] * len(texts), texts)  # the opening must match through its first sentence end
     assert [x.refusal for x in v] == [True, True, False, False, False, False, False]
     assert [x.degenerate for x in v] == [False, False, False, True, True, False, False]
@@ -169,12 +189,20 @@ def _save_tiny_judge(tmp_path, kind):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
-    cfg = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-               num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+    cfg = dict(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     if kind == "classifier":
-        model = LlamaForSequenceClassification(LlamaConfig(**cfg, num_labels=2, id2label={0: "compliance",
-                                                                                         1: "refusal"}))
+        model = LlamaForSequenceClassification(
+            LlamaConfig(**cfg, num_labels=2, id2label={0: "compliance", 1: "refusal"})
+        )
         with torch.no_grad():  # refusal iff the last token is "nope": score = one-hot feature of "nope"
             model.model.embed_tokens.weight.zero_()
             model.model.embed_tokens.weight[vocab["nope"], 0] = 1.0

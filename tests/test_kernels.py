@@ -33,11 +33,11 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16:
 
 # (B, T, d, J, K)
 SHAPES = [
-    (1, 1, 576, 1, 1),     # decode, one row
-    (1, 1, 7, 0, 1),       # add only, tiny d
-    (2, 3, 37, 3, 0),      # ablate only, d prime
-    (3, 4, 100, 0, 0),     # no directions: identity
-    (4, 9, 257, 8, 8),     # many directions, d = 2^8 + 1
+    (1, 1, 576, 1, 1),  # decode, one row
+    (1, 1, 7, 0, 1),  # add only, tiny d
+    (2, 3, 37, 3, 0),  # ablate only, d prime
+    (3, 4, 100, 0, 0),  # no directions: identity
+    (4, 9, 257, 8, 8),  # many directions, d = 2^8 + 1
     (2, 17, 96, 16, 4),
 ]
 MASKS = ["none", "bool", "float", "broadcast_coef"]
@@ -76,6 +76,7 @@ def check(impl, B, T, d, J, Kn, dtype, mask_kind):
 
 # ---------------------------------------------------------------- reference semantics
 
+
 def test_reference_add_only_is_literal():
     h, vecs, coef, _ = make_case(3, 5, 50, 0, 1, torch.float32, "none")
     alpha, v = coef[:, 0], vecs[0]
@@ -86,7 +87,7 @@ def test_reference_add_only_is_literal():
 @pytest.mark.parametrize("impl", [reference_steer_, cpu_steer_], ids=["reference", "cpu"])
 def test_full_ablation_removes_projection(impl):
     g = torch.Generator().manual_seed(1)
-    q, _ = torch.linalg.qr(torch.randn(64, 3, generator=g))     # 3 orthonormal directions
+    q, _ = torch.linalg.qr(torch.randn(64, 3, generator=g))  # 3 orthonormal directions
     vecs = q.t().contiguous()
     h = torch.randn(2, 5, 64, generator=g, dtype=torch.float64).float()
     impl(h, vecs, torch.ones(1, 3), 3)
@@ -105,6 +106,7 @@ def test_ablation_uses_original_h():
 
 
 # ---------------------------------------------------------------- CPU path and dispatch
+
 
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -163,7 +165,7 @@ def test_plan_zero_rows_bit_exact_and_coef_untouched():
     before = coef.clone()
     out = cpu_with_plan(h.clone(), vecs, coef, 1)
     assert torch.equal(out[1], h[1]) and not torch.equal(out[0], h[0])
-    assert torch.equal(coef, before)                # the plan writes its own buffer, never the caller's coef
+    assert torch.equal(coef, before)  # the plan writes its own buffer, never the caller's coef
 
 
 def test_plan_update_is_in_place_and_follows_coef():
@@ -171,10 +173,14 @@ def test_plan_update_is_in_place_and_follows_coef():
     plan = Plan(vecs, 1).update(coef)
     C, beta = plan.C, plan.beta
     coef2 = coef.flip(0).contiguous()
-    assert plan.update(coef2) is plan and plan.C is C and plan.beta is beta   # same tensors, new values
-    torch.testing.assert_close(cpu_steer_(h.clone(), vecs, coef2, 1, None, plan),
-                               reference_steer_(h.clone(), vecs, coef2, 1), rtol=1e-5, atol=1e-5)
-    plan.update(coef2[:1])                          # new row count: new tensors
+    assert plan.update(coef2) is plan and plan.C is C and plan.beta is beta  # same tensors, new values
+    torch.testing.assert_close(
+        cpu_steer_(h.clone(), vecs, coef2, 1, None, plan),
+        reference_steer_(h.clone(), vecs, coef2, 1),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    plan.update(coef2[:1])  # new row count: new tensors
     assert plan.C.shape == (1, 3) and plan.beta.shape == (1, 1)
     add = Plan(vecs[1:], 0).update(coef[:, 1:])
     bias = add.bias
@@ -208,13 +214,13 @@ def test_masked_inf_stays(impl):
 def test_strided_h(impl, dtype):
     h, vecs, coef, mask = make_case(3, 4, 33, 2, 1, dtype, "bool")
     big = torch.zeros(3, 2 * 4, 2 * 33, dtype=dtype)
-    view = big[:, ::2, 1::2]                      # non-contiguous in T and d
+    view = big[:, ::2, 1::2]  # non-contiguous in T and d
     view.copy_(h)
     impl(view, vecs, coef, 2, mask)
     expected = reference_steer_(h.clone(), vecs, coef, 2, mask)
     torch.testing.assert_close(view.float(), expected.float(), rtol=TOL[dtype][0], atol=TOL[dtype][1])
     big[:, ::2, 1::2] = 0
-    assert not big.any()                          # nothing outside the view was written
+    assert not big.any()  # nothing outside the view was written
 
 
 def test_empty_batch():
@@ -239,31 +245,50 @@ def test_use_switches_and_restores():
         assert K.IMPL == "cpu"
         with pytest.raises(RuntimeError), K.using("reference"):
             raise RuntimeError
-        assert K.IMPL == "cpu"                 # restored after an exception too
+        assert K.IMPL == "cpu"  # restored after an exception too
     finally:
         K.use(previous)
 
 
 def test_import_is_cheap_and_env_override():
-    code = ("import sys, steer.kernels as k; "
-            "print(k.IMPL, 'triton' in sys.modules, hasattr(k, '__version__'))")
+    code = "import sys, steer.kernels as k; print(k.IMPL, 'triton' in sys.modules, hasattr(k, '__version__'))"
     env = {**os.environ, "STEER_KERNEL": "reference"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["reference", "False", "False"]
 
 
 def test_kernels_import_nothing_of_the_project():
-    allowed = {"__future__", "contextlib", "functools", "hashlib", "importlib", "ninja", "os", "pathlib", "platform",
-               "platformdirs", "shutil", "sys", "time", "torch", "triton", "warnings"}
+    allowed = {
+        "__future__",
+        "contextlib",
+        "functools",
+        "hashlib",
+        "importlib",
+        "ninja",
+        "os",
+        "pathlib",
+        "platform",
+        "platformdirs",
+        "shutil",
+        "sys",
+        "time",
+        "torch",
+        "triton",
+        "warnings",
+    }
     own = {p.stem for p in pathlib.Path(K.__file__).parent.glob("*.py")}
     for path in pathlib.Path(K.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name.split(".")[0] for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                names = [node.module.split(".")[0]] if node.level == 0 else (
-                    [node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+                names = (
+                    [node.module.split(".")[0]]
+                    if node.level == 0
+                    else ([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+                )
                 if node.level:
                     assert set(names) <= own, f"{path.name}: relative import {names}"
                     continue
@@ -273,6 +298,7 @@ def test_kernels_import_nothing_of_the_project():
 
 
 # ---------------------------------------------------------------- Triton (interpreted on CPU)
+
 
 def _run_triton_interpreted() -> int:
     """Run every Triton case for every dtype; print failures; return their count.
@@ -286,13 +312,18 @@ def _run_triton_interpreted() -> int:
     if type(_steer_kernel).__name__ != "InterpretedFunction":
         print("kernel is not interpreted: TRITON_INTERPRET was not seen at decoration time")
         return 1
-    warnings.filterwarnings("ignore", category=RuntimeWarning)   # numpy: inf - inf on masked tokens
+    warnings.filterwarnings("ignore", category=RuntimeWarning)  # numpy: inf - inf on masked tokens
     cases = [("masked-inf", test_masked_inf_stays, (triton_steer_,))]
     for dtype in DTYPES:
-        cases += [(f"{dtype} {shape} mask={mask_kind}", check, (triton_steer_, *shape, dtype, mask_kind))
-                  for shape in SHAPES for mask_kind in MASKS]
-        cases += [(f"{dtype} strided", test_strided_h, (triton_steer_, dtype)),
-                  (f"{dtype} bit-exact", test_zero_coef_rows_and_masked_tokens_bit_exact, (triton_steer_, dtype))]
+        cases += [
+            (f"{dtype} {shape} mask={mask_kind}", check, (triton_steer_, *shape, dtype, mask_kind))
+            for shape in SHAPES
+            for mask_kind in MASKS
+        ]
+        cases += [
+            (f"{dtype} strided", test_strided_h, (triton_steer_, dtype)),
+            (f"{dtype} bit-exact", test_zero_coef_rows_and_masked_tokens_bit_exact, (triton_steer_, dtype)),
+        ]
     failures = 0
     for name, fn, args in cases:
         try:
@@ -304,10 +335,12 @@ def _run_triton_interpreted() -> int:
     return min(failures, 100)
 
 
-_SUBPROCESS = ("import importlib.util, sys\n"
-               "spec = importlib.util.spec_from_file_location('_kernel_tests', sys.argv[1])\n"
-               "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
-               "sys.exit(mod._run_triton_interpreted())\n")
+_SUBPROCESS = (
+    "import importlib.util, sys\n"
+    "spec = importlib.util.spec_from_file_location('_kernel_tests', sys.argv[1])\n"
+    "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+    "sys.exit(mod._run_triton_interpreted())\n"
+)
 
 
 def test_triton_interpreted_matches_reference():
@@ -321,8 +354,9 @@ def test_triton_interpreted_matches_reference():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _SUBPROCESS, __file__], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SUBPROCESS, __file__], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
 
 
@@ -345,10 +379,11 @@ def test_cuda_steering_through_each_path_matches_reference(impl):
     path ("cpu": a Plan's ATen calls; "triton": the kernel) gives the reference path's logits."""
     if impl == "triton" and importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
+    from tiny_models import D, tiny_model
+
     from steer import SteeringVector
     from steer.config import SteeringConfig
     from steer.hooks import Steering
-    from tiny_models import D, tiny_model
 
     model = tiny_model("llama").cuda()
     g = torch.Generator().manual_seed(3)
@@ -358,10 +393,17 @@ def test_cuda_steering_through_each_path_matches_reference(impl):
 
     def run(name):
         with K.using(name), Steering(model, vec, config) as s, torch.no_grad():
-            assert (s._plans[1] is not None) == (name == "cpu")   # the Plan path is used on CUDA too
+            assert (s._plans[1] is not None) == (name == "cpu")  # the Plan path is used on CUDA too
             s.set_alphas([1.5, 0.0, -2.0])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
-                                 do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=3,
+                do_sample=False,
+                pad_token_id=0,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
         return torch.stack(out.logits).cpu(), out.sequences.cpu()
 
     want_logits, want_seq = run("reference")

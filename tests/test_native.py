@@ -98,12 +98,12 @@ def test_autograd_and_inference_tensors_are_left_to_aten(op):
     tracked = leaf * 1
     assert op(tracked, plan.R, plan.beta, plan.bias) is False
     with torch.no_grad():
-        assert op(h.clone().requires_grad_(), plan.R, plan.beta, plan.bias) is True   # grad off: fine
+        assert op(h.clone().requires_grad_(), plan.R, plan.beta, plan.bias) is True  # grad off: fine
     with torch.inference_mode():
         inference = h.clone()
     assert op(inference, plan.R, plan.beta, plan.bias) is False
     assert torch.equal(inference, h)
-    got = cpu_steer_(leaf * 1, vecs, coef, 1, None, plan)      # with the plan: the general path, gradients flow
+    got = cpu_steer_(leaf * 1, vecs, coef, 1, None, plan)  # with the plan: the general path, gradients flow
     got.sum().backward()
     assert leaf.grad is not None
 
@@ -138,7 +138,7 @@ def test_wrapped_and_lazy_tensors_and_dispatch_modes_are_refused(op):
 
     def traced(t):
         t = t.clone()
-        assert op(t, plan.R, plan.beta, plan.bias) is False    # the trace would not record the write
+        assert op(t, plan.R, plan.beta, plan.bias) is False  # the trace would not record the write
         return t
 
     torch.jit.trace(traced, h.clone(), check_trace=False)
@@ -157,7 +157,7 @@ def test_bumps_the_version_like_an_in_place_op(op):
     assert h._version > v
     with torch.inference_mode():
         x = h.clone()
-        assert op(x, plan.R, plan.beta, plan.bias) is True                 # inference tensors have no version
+        assert op(x, plan.R, plan.beta, plan.bias) is True  # inference tensors have no version
 
 
 def test_plan_uses_it_at_decode_and_not_for_prompts(op, monkeypatch):
@@ -176,13 +176,13 @@ def test_plan_uses_it_at_decode_and_not_for_prompts(op, monkeypatch):
 def test_switches(op, monkeypatch):
     monkeypatch.delenv("STEER_NATIVE", raising=False)
     vecs = torch.randn(2, 8)
-    assert Plan(vecs, 1).native is not None                     # built: used by default
-    assert Plan(vecs, 0).native is None                         # add only stays one ATen add_
+    assert Plan(vecs, 1).native is not None  # built: used by default
+    assert Plan(vecs, 0).native is None  # add only stays one ATen add_
     assert Plan(vecs.double(), 1).native is None
-    assert Plan(vecs.to("meta"), 1).native is None               # CPU only
+    assert Plan(vecs.to("meta"), 1).native is None  # CPU only
     with native.using(False):
         assert Plan(vecs, 1).native is None
-    assert Plan(vecs, 1).native is not None                     # the previous choice is back
+    assert Plan(vecs, 1).native is not None  # the previous choice is back
     monkeypatch.setenv("STEER_NATIVE", "0")
     assert Plan(vecs, 1).native is None
 
@@ -209,8 +209,8 @@ def test_missing_ninja_is_a_clear_error(tmp_path, monkeypatch):
         native.build()
     monkeypatch.setattr(ext, "verify_ninja_availability", lambda: None)
     with pytest.raises(native.NativeBuildError, match="pip install ninja"):
-        native.use(True)                                        # remembered: a process tries to build once
-    assert native._override is None                             # a failed use(True) changes nothing
+        native.use(True)  # remembered: a process tries to build once
+    assert native._override is None  # a failed use(True) changes nothing
 
 
 def test_a_library_that_does_not_import_is_a_warning_not_an_error(tmp_path, monkeypatch):
@@ -220,7 +220,7 @@ def test_a_library_that_does_not_import_is_a_warning_not_an_error(tmp_path, monk
     (native.build_dir() / f"{native._name()}.so").write_bytes(b"not a shared library")
     with pytest.warns(RuntimeWarning, match="does not load"):
         assert native.decode_fn() is None
-    assert Plan(torch.randn(2, 8), 1).native is None            # attaching still works, on the ATen path
+    assert Plan(torch.randn(2, 8), 1).native is None  # attaching still works, on the ATen path
 
 
 def test_a_build_in_progress_is_not_loaded(op, tmp_path, monkeypatch):
@@ -250,7 +250,7 @@ def test_build_locks_young_refused_stale_dropped(tmp_path):
     import time
 
     lock = tmp_path / "lock"
-    native._check_lock(lock)                                    # no lock: nothing to do
+    native._check_lock(lock)  # no lock: nothing to do
     lock.touch()
     with pytest.raises(native.NativeBuildError, match="another build"):
         native._check_lock(lock)

@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = ("import transformers.utils as u; from transformers import LlamaConfig, AutoModelForCausalLM; "
-         "assert u.is_kernels_available() is False, 'kernels probed as available'; print('ok')")
+PROBE = (
+    "import transformers.utils as u; from transformers import LlamaConfig, AutoModelForCausalLM; "
+    "assert u.is_kernels_available() is False, 'kernels probed as available'; print('ok')"
+)
 
 
 def _run(cwd, extra_path=""):
@@ -27,11 +29,14 @@ def test_transformers_unaffected_with_repo_root_on_sys_path():
 
 
 def test_installed_names_live_under_steer(tmp_path):
-    code = ("import importlib.util as u; import steer.kernels, steer.vectors, steer.cli; "
-            "assert u.find_spec('cli') is None or 'steer' not in (u.find_spec('cli').origin or ''); "
-            "assert u.find_spec('kernels') is None; assert u.find_spec('vectors') is None; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": ""})
+    code = (
+        "import importlib.util as u; import steer.kernels, steer.vectors, steer.cli; "
+        "assert u.find_spec('cli') is None or 'steer' not in (u.find_spec('cli').origin or ''); "
+        "assert u.find_spec('kernels') is None; assert u.find_spec('vectors') is None; print('ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -64,8 +69,23 @@ def test_wheel_ships_the_native_source(tmp_path):
     skip = shutil.ignore_patterns("__pycache__", "*.so", "build")
     for name in ("steer", "vectors", "kernels"):
         shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=skip)
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     (whl,) = (tmp_path / "dist").glob("steer_runtime-*.whl")
     names = zipfile.ZipFile(whl).namelist()
@@ -89,6 +109,10 @@ def test_no_symbolic_links_in_the_repository():
 
 
 def test_top_level_cli_shim_runs_the_cli():
-    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": ""})
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert out.returncode == 0 and "generate" in out.stdout, out.stderr

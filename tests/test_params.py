@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from tiny_models import tiny_model, tiny_tokenizer
 
 from steer import SteeredModel, SteeringVector
 from steer.errors import AlphaError, ConfigError
 from steer.lowrank import TaskSteering
 from steer.params import MergedTaskSteering, dense_tau
 from steer.vectors.task import compute_task_vector
-from tiny_models import tiny_model, tiny_tokenizer
 
 ALPHAS = [0.0, 0.5, -1.0, 2.0]
 
@@ -97,7 +97,7 @@ def test_per_row_matches_merged_reference(setup, rank):
     ref = []
     for i, a in enumerate(ALPHAS):
         with MergedTaskSteering(model, vec, a):
-            ref.append(model(ids[i:i + 1]).logits)
+            ref.append(model(ids[i : i + 1]).logits)
     with TaskSteering(model, vec) as h:
         h.set_alphas(ALPHAS)
         got = model(ids).logits
@@ -119,8 +119,9 @@ def test_generate_mixed_alphas_and_merged_mode():
     prompts = ["w10 w11 w12", "w20 w21", "w30 w31 w32 w33", "w40"]
     mixed = sm.generate(prompts, vector=vec, alphas=ALPHAS, max_new_tokens=6)
     alone = [sm.generate([p], vector=vec, alphas=[a], max_new_tokens=6)[0] for p, a in zip(prompts, ALPHAS)]
-    merged = [sm.generate([p], vector=vec, alphas=[a], mode="merged", max_new_tokens=6)[0]
-              for p, a in zip(prompts, ALPHAS)]
+    merged = [
+        sm.generate([p], vector=vec, alphas=[a], mode="merged", max_new_tokens=6)[0] for p, a in zip(prompts, ALPHAS)
+    ]
     assert mixed == alone == merged
     with pytest.raises(AlphaError):
         sm.generate(prompts, vector=vec, alphas=ALPHAS, mode="merged", max_new_tokens=2)
@@ -145,9 +146,10 @@ def test_mixed_alpha_with_activation_steering():
         for i in range(4):
             t.set_alphas([ALPHAS[i]])
             a.set_alphas([act_alphas[i]])
-            assert (got[i] - model(ids[i:i + 1]).logits[0]).abs().max() <= 1e-5
-            assert torch.equal(gen[i], model.generate(ids[i:i + 1], max_new_tokens=5, do_sample=False,
-                                                      pad_token_id=0)[0])
+            assert (got[i] - model(ids[i : i + 1]).logits[0]).abs().max() <= 1e-5
+            assert torch.equal(
+                gen[i], model.generate(ids[i : i + 1], max_new_tokens=5, do_sample=False, pad_token_id=0)[0]
+            )
 
 
 def test_per_request_norm_deltas_and_non_affine_modules():

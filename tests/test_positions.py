@@ -6,15 +6,15 @@ import inspect
 
 import pytest
 import torch
+from capture import around
+from tiny_models import tiny_model, tiny_tokenizer
 from torch import nn
 from transformers import DynamicCache
 
-from capture import around
 from steer import SteeredModel
 from steer.errors import StateError
 from steer.kernels import use
 from steer.positions import past_length
-from tiny_models import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -39,19 +39,22 @@ def _legacy(n):
     return ((k, k), (k, k))
 
 
-@pytest.mark.parametrize("kwargs,seq,expected", [
-    ({"cache_position": torch.arange(7, 8)}, 1, 7),
-    ({"past_key_values": _Cache(9)}, 1, 9),
-    ({"past_key_value": _Cache(9)}, 1, 9),
-    ({"cache": _Cache(9)}, 1, 9),
-    ({"kv_state": _Cache(9)}, 1, 9),                   # any name: found by what it is, not what it is called
-    ({"past_key_values": _legacy(5)}, 1, 5),           # legacy tuple cache
-    ({"attention_mask": torch.ones(2, 12)}, 1, 11),     # generate's mask covers past + new tokens
-    ({"position_ids": torch.tensor([[3], [6]])}, 1, 6),  # the unpadded row's position
-    ({"cache": _Cache(0), "attention_mask": torch.ones(2, 5)}, 5, 0),
-    ({}, 5, 0),                                         # nothing: no way to see a past, a fresh sequence
-    ({"cache": None, "attention_mask": torch.ones(1, 4)}, 4, 0),
-])
+@pytest.mark.parametrize(
+    "kwargs,seq,expected",
+    [
+        ({"cache_position": torch.arange(7, 8)}, 1, 7),
+        ({"past_key_values": _Cache(9)}, 1, 9),
+        ({"past_key_value": _Cache(9)}, 1, 9),
+        ({"cache": _Cache(9)}, 1, 9),
+        ({"kv_state": _Cache(9)}, 1, 9),  # any name: found by what it is, not what it is called
+        ({"past_key_values": _legacy(5)}, 1, 5),  # legacy tuple cache
+        ({"attention_mask": torch.ones(2, 12)}, 1, 11),  # generate's mask covers past + new tokens
+        ({"position_ids": torch.tensor([[3], [6]])}, 1, 6),  # the unpadded row's position
+        ({"cache": _Cache(0), "attention_mask": torch.ones(2, 5)}, 5, 0),
+        ({}, 5, 0),  # nothing: no way to see a past, a fresh sequence
+        ({"cache": None, "attention_mask": torch.ones(1, 4)}, 4, 0),
+    ],
+)
 def test_past_length_each_spelling(kwargs, seq, expected):
     assert past_length((), kwargs, seq) == expected
 
@@ -117,14 +120,16 @@ def test_gate_is_held_through_decode_steps_on_the_installed_spelling(sm, vec):
     ids = torch.tensor([[5, 6, 7, 8]])
     with sm.steer(vec, alpha=1.0, layers=[1], condition=cond) as handle:
         with torch.no_grad():
-            sm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
-                              do_sample=False, pad_token_id=0)
+            sm.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0
+            )
         assert handle.last_gate.tolist() == [True]
         cond.threshold = 1e9  # a re-decision at a decode step would now close the gate
         calls = []
         original = handle._decide_gate
         handle._decide_gate = lambda h: (calls.append(h.shape), original(h))
         with torch.no_grad():
-            sm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                              do_sample=False, pad_token_id=0)
+            sm.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0
+            )
         assert calls == [torch.Size([1, 4, vec.directions[0].shape[-1]])]  # the prompt only

@@ -3,12 +3,12 @@ the conditional gate, the input site, and hooks that always come off."""
 
 import pytest
 import torch
-
 from capture import around, assert_unhooked, greedy
+from tiny_models import D, V
+
 from steer import Condition, SteeredModel, SteeringVector
 from steer.errors import AlphaError, ConfigError, LayerError
 from steer.kernels import use
-from tiny_models import D, V
 
 
 @pytest.fixture(autouse=True)
@@ -101,9 +101,11 @@ def test_conditional_gate_per_row_held_for_generated_tokens(sm, vec):
 
 
 def test_conditional_from_vector_file_and_ordering_error(sm, vec, tmp_path):
-    cond_vec = SteeringVector(dict(vec.directions), {"condition": {"layer": 3, "threshold": 0.0},
-                                                      "recommended": {"layers": [1], "mode": "conditional"}},
-                              condition_direction=torch.randn(D))
+    cond_vec = SteeringVector(
+        dict(vec.directions),
+        {"condition": {"layer": 3, "threshold": 0.0}, "recommended": {"layers": [1], "mode": "conditional"}},
+        condition_direction=torch.randn(D),
+    )
     with pytest.raises(ConfigError, match="condition is read after"):
         sm.steer(cond_vec)
     assert_unhooked(sm.model, sm.layers)
@@ -131,11 +133,25 @@ def test_num_return_sequences_repeats_row_alphas(sm, vec):
     with sm.steer(vec, layers=[1]) as h:
         h.set_alphas([0.0, 2.0])
         with torch.no_grad():
-            out = sm.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=3, do_sample=False,
-                                    num_beams=2, num_return_sequences=2, pad_token_id=0)
+            out = sm.model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                max_new_tokens=3,
+                do_sample=False,
+                num_beams=2,
+                num_return_sequences=2,
+                pad_token_id=0,
+            )
     with torch.no_grad():
-        plain = sm.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=3, do_sample=False,
-                                  num_beams=2, num_return_sequences=2, pad_token_id=0)
+        plain = sm.model.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            max_new_tokens=3,
+            do_sample=False,
+            num_beams=2,
+            num_return_sequences=2,
+            pad_token_id=0,
+        )
     assert torch.equal(out[:2], plain[:2])  # row 0 (α = 0) and its beams: unsteered
     assert not torch.equal(out[2:], plain[2:])
 
@@ -206,8 +222,13 @@ def test_accelerate_device_map(tmp_path):
     from tiny_models import save_tiny
 
     save_tiny(tmp_path / "m")
-    dm = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
-          "lm_head": "cpu"}
+    dm = {
+        "model.embed_tokens": "cpu",
+        "model.layers": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     sm = SteeredModel.from_pretrained(tmp_path / "m", device_map=dm)
     vec = SteeringVector({1: torch.randn(D)})
     plain = SteeredModel.from_pretrained(tmp_path / "m")
@@ -254,14 +275,20 @@ def test_replaced_block_forward_warns_once(tmp_path):
     import warnings
 
     accelerate = pytest.importorskip("accelerate")
+    from tiny_models import tiny_model
+
     from steer.config import SteeringConfig
     from steer.hooks import Steering
-    from tiny_models import tiny_model
 
     model = tiny_model()
     n = model.config.num_hidden_layers
-    dm = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
-          **{f"model.layers.{i}": "cpu" for i in range(n)}}
+    dm = {
+        "model.embed_tokens": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+        **{f"model.layers.{i}": "cpu" for i in range(n)},
+    }
     ids = torch.tensor([[3, 4, 5]])
     vec = SteeringVector({1: torch.randn(D)})
     with torch.no_grad():
@@ -278,9 +305,11 @@ def test_replaced_block_forward_warns_once(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")                       # nothing replaced, steering stacked: no warning
-        with Steering(model, vec, SteeringConfig(mode="add", layers=[1], alpha=2.0)) as s, \
-                Steering(model, vec, SteeringConfig(mode="add", layers=[1], alpha=1.0)):
+        warnings.simplefilter("error")  # nothing replaced, steering stacked: no warning
+        with (
+            Steering(model, vec, SteeringConfig(mode="add", layers=[1], alpha=2.0)) as s,
+            Steering(model, vec, SteeringConfig(mode="add", layers=[1], alpha=1.0)),
+        ):
             with torch.no_grad():
                 steered = model(ids).logits
                 model(ids)
@@ -291,10 +320,10 @@ def test_replaced_block_forward_warns_once(tmp_path):
             with torch.no_grad():
                 dropped = model(ids).logits
         with warnings.catch_warnings():
-            warnings.simplefilter("error")                   # once per steering
+            warnings.simplefilter("error")  # once per steering
             with torch.no_grad():
                 model(ids)
-    assert torch.equal(dropped, base)                       # what the warning is about: the steering is gone
+    assert torch.equal(dropped, base)  # what the warning is about: the steering is gone
     assert not s.active
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base)
@@ -304,9 +333,10 @@ def test_replaced_linear_forward_warns_for_task_steering():
     import functools
     import warnings
 
+    from tiny_models import tiny_model
+
     from steer.lowrank import TaskSteering
     from steer.vectors.task import compute_task_vector
-    from tiny_models import tiny_model
 
     model = tiny_model()
     tv = compute_task_vector(tiny_model("llama", 5), model, rank=2, progress=False)
@@ -319,11 +349,11 @@ def test_replaced_linear_forward_warns_for_task_steering():
             warnings.simplefilter("error")
             with torch.no_grad():
                 steered = model(ids).logits
-            ours = lin.forward                                    # a wrapper that calls ours and says so
+            ours = lin.forward  # a wrapper that calls ours and says so
             lin.forward = functools.update_wrapper(functools.partial(lambda x: ours(x)), ours)
             with torch.no_grad():
                 assert torch.equal(model(ids).logits, steered)
-        lin.forward = functools.partial(type(lin).forward, lin)   # replaced by something that skips ours
+        lin.forward = functools.partial(type(lin).forward, lin)  # replaced by something that skips ours
         with pytest.warns(RuntimeWarning, match="Linear was replaced"):
             with torch.no_grad():
                 model(ids)

@@ -25,7 +25,10 @@ def test_pareto_and_objective():
     with pytest.raises(ValueError):
         TuneBounds(objective="nope")
     # nothing feasible: the least violation wins, not the highest refusal of a degenerate configuration
-    bad = [Point("add", [1], 2.0, 1.0, 0.0, 0.1, degenerate=0.5), Point("add", [1], 1.0, 0.6, 0.0, 0.1, degenerate=0.05)]
+    bad = [
+        Point("add", [1], 2.0, 1.0, 0.0, 0.1, degenerate=0.5),
+        Point("add", [1], 1.0, 0.6, 0.0, 0.1, degenerate=0.05),
+    ]
     assert max(bad, key=lambda p: p.key(b)) is bad[1]
 
 
@@ -45,9 +48,20 @@ def setup(family):
 def test_small_tune_end_to_end(setup, tmp_path):
     comp, vec, harm, safe, L = setup
     cond = vec.condition["layer"]
-    tuned, summary = tune(comp, vec, harm[:32], safe[:32], layers=[[cond], [cond + 1]], modes=("conditional",),
-                          alphas=[0.0, 1.0, 2.0], auto=True, bounds=TuneBounds(max_over_refusal=0.05),
-                          eval_harmful=harm[32:], eval_harmless=safe[32:], progress=False)
+    tuned, summary = tune(
+        comp,
+        vec,
+        harm[:32],
+        safe[:32],
+        layers=[[cond], [cond + 1]],
+        modes=("conditional",),
+        alphas=[0.0, 1.0, 2.0],
+        auto=True,
+        bounds=TuneBounds(max_over_refusal=0.05),
+        eval_harmful=harm[32:],
+        eval_harmless=safe[32:],
+        progress=False,
+    )
     best = summary["best"]
     assert summary["feasible"] and best["harmful_refusal"] >= 0.9 and best["harmless_refusal"] <= 0.05
     assert summary["n_configs"] > 6  # the bracketing rounds added α values between grid points
@@ -74,17 +88,49 @@ def test_cli_tune_json_and_plot(setup, tmp_path, family):
     (tmp_path / "s.txt").write_text("\n".join(safe[:16]))
     from steer.cli import app
 
-    res = CliRunner().invoke(app, ["tune", str(family["compromised"]), "--vector", str(vpath), "--harmful",
-                                   str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "s.txt"), "--mode",
-                                   "conditional", "--alphas", "0,1,2", "-o", str(tmp_path / "t.safetensors"),
-                                   "--plot", str(tmp_path / "t.png"), "--json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "tune",
+            str(family["compromised"]),
+            "--vector",
+            str(vpath),
+            "--harmful",
+            str(tmp_path / "h.txt"),
+            "--harmless",
+            str(tmp_path / "s.txt"),
+            "--mode",
+            "conditional",
+            "--alphas",
+            "0,1,2",
+            "-o",
+            str(tmp_path / "t.safetensors"),
+            "--plot",
+            str(tmp_path / "t.png"),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["best"]["mode"] == "conditional" and (tmp_path / "t.png").stat().st_size > 10_000
     assert SteeringVector.load(tmp_path / "t.safetensors").recommended["alpha"] == summary["best"]["alpha"]
-    bad = CliRunner().invoke(app, ["tune", str(family["compromised"]), "--vector", str(vpath), "--harmful",
-                                   str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "s.txt"), "--mode", "zap",
-                                   "-o", str(tmp_path / "x.safetensors")])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "tune",
+            str(family["compromised"]),
+            "--vector",
+            str(vpath),
+            "--harmful",
+            str(tmp_path / "h.txt"),
+            "--harmless",
+            str(tmp_path / "s.txt"),
+            "--mode",
+            "zap",
+            "-o",
+            str(tmp_path / "x.safetensors"),
+        ],
+    )
     assert bad.exit_code == 2 and "unknown mode" in bad.stderr
 
 

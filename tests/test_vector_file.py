@@ -5,13 +5,12 @@ import pickle
 
 import pytest
 import torch
-
-from safetensors.torch import save_file
-
 from capture import assert_unhooked
+from safetensors.torch import save_file
+from tiny_models import D, tiny_model
+
 from steer import SteeredModel, SteeringVector
 from steer.errors import ModelMismatchError, VectorFileError
-from tiny_models import D, tiny_model
 
 
 def _vec(**meta):
@@ -21,12 +20,19 @@ def _vec(**meta):
 
 def test_round_trip_keeps_tensors_and_metadata(tmp_path):
     sm = SteeredModel(tiny_model("llama"))
-    vec = SteeringVector({1: torch.randn(D), 2: torch.randn(2, D)},
-                         {"kind": "refusal", "op": "ablate", "model": sm.fingerprint(),
-                          "recommended": {"layers": [2], "alpha": 1.5, "mode": "add"},
-                          "condition": {"layer": 1, "threshold": 0.25, "reduce": "last", "comparator": ">"},
-                          "provenance": {"method": "diff_in_means", "prompt_sets": {"harmful": "ab12"}}},
-                         condition_direction=torch.randn(D), extra={"sae.W_dec": torch.randn(4, D)})
+    vec = SteeringVector(
+        {1: torch.randn(D), 2: torch.randn(2, D)},
+        {
+            "kind": "refusal",
+            "op": "ablate",
+            "model": sm.fingerprint(),
+            "recommended": {"layers": [2], "alpha": 1.5, "mode": "add"},
+            "condition": {"layer": 1, "threshold": 0.25, "reduce": "last", "comparator": ">"},
+            "provenance": {"method": "diff_in_means", "prompt_sets": {"harmful": "ab12"}},
+        },
+        condition_direction=torch.randn(D),
+        extra={"sae.W_dec": torch.randn(4, D)},
+    )
     path = vec.save(tmp_path / "v.safetensors")
     back = SteeringVector.load(path)
     assert back.layers == [1, 2] and back.kind == "refusal" and back.recommended["alpha"] == 1.5
@@ -63,7 +69,8 @@ def test_mismatches_are_clear_errors():
     with pytest.raises(ModelMismatchError, match="another architecture"):
         SteeringVector({1: torch.ones(D)}, {"model": {**fp, "model_type": "gpt2"}}).check_model(fp)
     SteeringVector({1: torch.ones(D)}, {"model": {**fp, "model_type": "gpt2"}}).check_model(
-        fp, check_architecture=False)
+        fp, check_architecture=False
+    )
     with pytest.raises(ModelMismatchError, match="layers"):
         SteeringVector({9: torch.ones(D)}).check_model(fp)
     with pytest.raises(ModelMismatchError):  # refused before any hook is attached
@@ -120,20 +127,36 @@ def test_garbage_missing_and_foreign_files(tmp_path):
     with pytest.raises(VectorFileError, match="foreign"):
         SteeringVector.load(foreign)
     future = tmp_path / "future.safetensors"
-    save_file({"direction.1": torch.ones(D)}, str(future),
-              metadata={"steer": json.dumps({"format": "steer.vector", "format_version": 99})})
+    save_file(
+        {"direction.1": torch.ones(D)},
+        str(future),
+        metadata={"steer": json.dumps({"format": "steer.vector", "format_version": 99})},
+    )
     with pytest.raises(VectorFileError, match="version"):
         SteeringVector.load(future)
     odd = tmp_path / "odd.safetensors"
-    save_file({"weights": torch.ones(D)}, str(odd),
-              metadata={"steer": json.dumps({"format": "steer.vector", "format_version": 1})})
+    save_file(
+        {"weights": torch.ones(D)},
+        str(odd),
+        metadata={"steer": json.dumps({"format": "steer.vector", "format_version": 1})},
+    )
     with pytest.raises(VectorFileError, match="unknown tensor"):
         SteeringVector.load(odd)
 
 
-@pytest.mark.parametrize("meta", [{"scope": "bogus"}, {"site": "middle"}, {"op": "rm -rf"}, {"kind": "x"},
-                                  {"recommended": {"mode": "bogus"}}, {"recommended": {"alpha": float("nan")}},
-                                  {"recommended": {"layers": "2"}}, {"condition": {"layer": 1}}])
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"scope": "bogus"},
+        {"site": "middle"},
+        {"op": "rm -rf"},
+        {"kind": "x"},
+        {"recommended": {"mode": "bogus"}},
+        {"recommended": {"alpha": float("nan")}},
+        {"recommended": {"layers": "2"}},
+        {"condition": {"layer": 1}},
+    ],
+)
 def test_invalid_metadata_values_rejected(meta, tmp_path):
     with pytest.raises(VectorFileError, match="metadata"):
         SteeringVector({1: torch.ones(D)}, meta)

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from tiny_models import L, save_tiny, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from steer import SteeredModel, SteeringVector
@@ -17,7 +18,6 @@ from steer.vectors.condition import fit_condition, score_layer
 from steer.vectors.refusal import compute_refusal, diff_in_means, prompt_sha256
 from steer.vectors.selection import candidate_layers, evaluate_candidates
 from steer.vectors.stats import accuracy, auc, best_threshold
-from tiny_models import L, save_tiny, tiny_model, tiny_tokenizer
 
 HARM = [f"w{10 + i} w{20 + i}" + " w30" * (i % 3) for i in range(8)]
 SAFE = [f"w{40 + i} w{50 + i} w60" + " w61" * (i % 2) for i in range(8)]
@@ -78,17 +78,17 @@ def test_fit_condition_picks_separating_layer_at_or_below_max():
 
 
 def test_score_layer_comparators():
-    e0 = torch.tensor([2.0, 0.0])                          # not unit: score_layer normalises it
-    harm = torch.tensor([[3.0, 1.0], [4.0, -1.0]])          # scores along e0: 3, 4
-    safe = torch.tensor([[0.0, 5.0], [1.0, 0.0]])           # 0, 1
+    e0 = torch.tensor([2.0, 0.0])  # not unit: score_layer normalises it
+    harm = torch.tensor([[3.0, 1.0], [4.0, -1.0]])  # scores along e0: 3, 4
+    safe = torch.tensor([[0.0, 5.0], [1.0, 0.0]])  # 0, 1
     above = score_layer(harm, safe, e0)
     assert (above["threshold"], above["comparator"], above["accuracy"], above["auc"]) == (2.0, ">", 1.0, 1.0)
-    assert above["dprime"] == pytest.approx(3.0 / 0.5)      # mean gap 3, pooled sd 0.5
+    assert above["dprime"] == pytest.approx(3.0 / 0.5)  # mean gap 3, pooled sd 0.5
     assert score_layer(harm, safe, e0, "auto") == above
-    below = score_layer(harm, safe, -e0, "auto")            # harmful below: the comparator flips, AUC/d' too
+    below = score_layer(harm, safe, -e0, "auto")  # harmful below: the comparator flips, AUC/d' too
     assert (below["threshold"], below["comparator"], below["accuracy"], below["auc"]) == (-2.0, "<", 1.0, 1.0)
     assert below["dprime"] == pytest.approx(6.0)
-    wrong_side = score_layer(harm, safe, -e0)               # '>' forced on the wrong side
+    wrong_side = score_layer(harm, safe, -e0)  # '>' forced on the wrong side
     assert wrong_side["auc"] == 0.0 and wrong_side["dprime"] == pytest.approx(-6.0)
 
 
@@ -121,11 +121,15 @@ def test_diff_in_means_matches_plain_computation(sm, positions):
     from steer.activations import collect
 
     layers = list(range(L - 1))  # HF's last hidden state has the final norm applied; compare the rest
-    got = diff_in_means(collect(sm, HARM, layers=layers, positions=positions, batch_size=3),
-                        collect(sm, SAFE, layers=layers, positions=positions, batch_size=5))
+    got = diff_in_means(
+        collect(sm, HARM, layers=layers, positions=positions, batch_size=3),
+        collect(sm, SAFE, layers=layers, positions=positions, batch_size=5),
+    )
     for i, layer in enumerate(layers):
-        ref = (_plain_acts(sm.model, sm.tokenizer, HARM, layer, positions).mean(0)
-               - _plain_acts(sm.model, sm.tokenizer, SAFE, layer, positions).mean(0)).float()
+        ref = (
+            _plain_acts(sm.model, sm.tokenizer, HARM, layer, positions).mean(0)
+            - _plain_acts(sm.model, sm.tokenizer, SAFE, layer, positions).mean(0)
+        ).float()
         torch.testing.assert_close(got[i], ref, atol=2e-5, rtol=1e-4)
 
 
@@ -186,15 +190,16 @@ def test_batched_candidates_match_one_at_a_time(sm):
         flagged.append(text)
         return judge(text)
 
-    evaluate_candidates(sm, directions, HARM[:3], SAFE[:3], candidates=[0, 2], judge=spy, max_new_tokens=4,
-                        batch_size=5)
+    evaluate_candidates(
+        sm, directions, HARM[:3], SAFE[:3], candidates=[0, 2], judge=spy, max_new_tokens=4, batch_size=5
+    )
     plain = sm.generate(HARM[:3] + SAFE[:3], max_new_tokens=4)
     assert flagged[:6] == plain
     for i, l in enumerate([0, 2]):
         v = SteeringVector({l: directions[l]})
         added = sm.generate(SAFE[:3], vector=v, layers=[l], mode="add", alphas=1.0, max_new_tokens=4)
         ablated = sm.generate(HARM[:3], vector=v, layers=list(range(L)), mode="ablate", alphas=1.0, max_new_tokens=4)
-        assert flagged[6 + 6 * i:12 + 6 * i] == added + ablated
+        assert flagged[6 + 6 * i : 12 + 6 * i] == added + ablated
 
 
 def test_no_select_and_calibration_on_another_model(sm):
@@ -228,16 +233,47 @@ def test_cli_vectors_refusal_and_info(tmp_path):
     (tmp_path / "s.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in SAFE))
     out = tmp_path / "r.safetensors"
     runner = CliRunner()
-    res = runner.invoke(app, ["vectors", "refusal", str(model_dir), "--harmful", str(tmp_path / "h.txt"),
-                              "--harmless", str(tmp_path / "s.jsonl"), "-o", str(out), "--n-eval", "3",
-                              "--max-new-tokens", "3", "--positions", "mean", "--marker", "w7"])
+    res = runner.invoke(
+        app,
+        [
+            "vectors",
+            "refusal",
+            str(model_dir),
+            "--harmful",
+            str(tmp_path / "h.txt"),
+            "--harmless",
+            str(tmp_path / "s.jsonl"),
+            "-o",
+            str(out),
+            "--n-eval",
+            "3",
+            "--max-new-tokens",
+            "3",
+            "--positions",
+            "mean",
+            "--marker",
+            "w7",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "condition: layer" in res.stdout and "bypass" in res.stdout
     v = SteeringVector.load(out)
     assert v.meta["provenance"]["positions"] == "mean" and v.meta["provenance"]["model"] == str(model_dir)
     assert "w7" in v.meta["selection"]["judge"]["markers"]
-    res = runner.invoke(app, ["vectors", "refusal", str(model_dir), "--harmful", str(tmp_path / "h.txt"),
-                              "--harmless", str(tmp_path / "missing.txt"), "-o", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "vectors",
+            "refusal",
+            str(model_dir),
+            "--harmful",
+            str(tmp_path / "h.txt"),
+            "--harmless",
+            str(tmp_path / "missing.txt"),
+            "-o",
+            str(out),
+        ],
+    )
     assert res.exit_code == 2 and "not found" in res.output
 
 
@@ -296,8 +332,18 @@ def test_family_ablating_removes_refusal(fam):
     models, vec, harm, _, lang = fam
     sm = models["aligned"]
     before = _refusal(lang, sm.generate(harm, max_new_tokens=8))
-    after = _refusal(lang, sm.generate(harm, vector=vec, mode="ablate", layers=list(range(sm.num_layers)),
-                                       scope="all", alphas=1.0, max_new_tokens=8))
+    after = _refusal(
+        lang,
+        sm.generate(
+            harm,
+            vector=vec,
+            mode="ablate",
+            layers=list(range(sm.num_layers)),
+            scope="all",
+            alphas=1.0,
+            max_new_tokens=8,
+        ),
+    )
     assert before - after >= 0.5, (before, after)
 
 
@@ -312,13 +358,12 @@ def test_degenerate_ablation_is_no_bypass(sm):
     class Fake:  # baseline rows refuse; candidate 0's ablation rows are degenerate, candidate 2's coherent
         def verdicts(self, prompts, completions):
             out = [Verdict(True, False)] * (nh + ns)
-            out += [Verdict(False, False)] * ns + [Verdict(False, True)] * nh   # layer 0: add, ablate
+            out += [Verdict(False, False)] * ns + [Verdict(False, True)] * nh  # layer 0: add, ablate
             out += [Verdict(False, False)] * ns + [Verdict(False, False)] * nh  # layer 2: add, ablate
             assert len(out) == len(completions)
             return out
 
-    sel = evaluate_candidates(sm, directions, HARM[:nh], SAFE[:ns], candidates=[0, 2], judge=Fake(),
-                              max_new_tokens=2)
+    sel = evaluate_candidates(sm, directions, HARM[:nh], SAFE[:ns], candidates=[0, 2], judge=Fake(), max_new_tokens=2)
     rows = {r["layer"]: r for r in sel["table"]}
     assert rows[0]["bypass"] == 1.0 and rows[0]["degenerate"] == 1.0 and not rows[0]["eligible"]
     assert rows[2]["bypass"] == 0.0 and rows[2]["degenerate"] == 0.0

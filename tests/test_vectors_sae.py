@@ -5,15 +5,14 @@ import random
 
 import pytest
 import torch
-
+from capture import assert_unhooked
+from tiny_models import D, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
-from capture import assert_unhooked
 from steer import SteeredModel, SteeringVector
 from steer.errors import AlphaError, ConfigError, VectorFileError
 from steer.kernels import use
 from steer.sae_clamp import SAEWeights, clamp_features
-from tiny_models import D, tiny_model, tiny_tokenizer
 
 LAYER, M = 2, 64
 
@@ -37,14 +36,24 @@ def _weights(activation="relu", seed=0):
     g = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(M, D, generator=g)
     W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
-    return SAEWeights(W_dec.T.clone() * 3, torch.randn(M, generator=g) * 0.1, W_dec, torch.randn(D, generator=g) * 0.1,
-                      activation, 6 if activation == "topk" else None,
-                      torch.full((M,), 0.05) if activation == "jumprelu" else None)
+    return SAEWeights(
+        W_dec.T.clone() * 3,
+        torch.randn(M, generator=g) * 0.1,
+        W_dec,
+        torch.randn(D, generator=g) * 0.1,
+        activation,
+        6 if activation == "topk" else None,
+        torch.full((M,), 0.05) if activation == "jumprelu" else None,
+    )
 
 
 def _vector(sm, w, layer=LAYER, site="output"):
-    meta = {"kind": "sae", "site": site, "model": sm.fingerprint(),
-            "sae": {"layer": layer, "site": site, "features": [{"id": 5}, {"id": 9}], **w.info()}}
+    meta = {
+        "kind": "sae",
+        "site": site,
+        "model": sm.fingerprint(),
+        "sae": {"layer": layer, "site": site, "features": [{"id": 5}, {"id": 9}], **w.info()},
+    }
     return SteeringVector({layer: w.W_dec[[5, 9]]}, meta, None, w.tensors())
 
 
@@ -63,8 +72,10 @@ def _logits_with_hook(sm, ids, layer, fn, site="output"):
     if site == "output":
         h = block.register_forward_hook(lambda m, a, o: (fn(o[0]), *o[1:]) if isinstance(o, tuple) else fn(o))
     else:
-        h = block.register_forward_pre_hook(lambda m, a, k: ((fn(a[0]), *a[1:]), k) if a else
-                                            (a, {**k, "hidden_states": fn(k["hidden_states"])}), with_kwargs=True)
+        h = block.register_forward_pre_hook(
+            lambda m, a, k: ((fn(a[0]), *a[1:]), k) if a else (a, {**k, "hidden_states": fn(k["hidden_states"])}),
+            with_kwargs=True,
+        )
     try:
         return sm.model(ids).logits
     finally:
@@ -130,9 +141,12 @@ def test_add_feature_direction_matches_plain(sm):
 def test_clamp_validation_before_attaching(sm, tmp_path):
     w = _weights("relu")
     vec = _vector(sm, w)
-    for kwargs, err in (({"features": [M]}, ConfigError), ({"features": [True]}, ConfigError),
-                        ({"features": [1], "value": float("nan")}, AlphaError),
-                        ({"features": [1], "layers": [99]}, Exception)):
+    for kwargs, err in (
+        ({"features": [M]}, ConfigError),
+        ({"features": [True]}, ConfigError),
+        ({"features": [1], "value": float("nan")}, AlphaError),
+        ({"features": [1], "layers": [99]}, Exception),
+    ):
         with pytest.raises(err):
             clamp_features(sm, vec, **kwargs)
         assert_unhooked(sm.model, sm.layers)
@@ -197,8 +211,19 @@ def test_train_rank_save_load_and_cli(sm, tmp_path):
     from steer.vectors.sae import compute_sae_features, heldout_auc
 
     harm, safe = _prompts()
-    vec = compute_sae_features(sm, LAYER, harm, safe, train=True, steps=150, k=4, d_sae=64, top=5,
-                               save_sae=str(tmp_path / "sae"), progress=False)
+    vec = compute_sae_features(
+        sm,
+        LAYER,
+        harm,
+        safe,
+        train=True,
+        steps=150,
+        k=4,
+        d_sae=64,
+        top=5,
+        save_sae=str(tmp_path / "sae"),
+        progress=False,
+    )
     info = vec.meta["sae"]
     assert vec.kind == "sae" and vec.directions[LAYER].shape == (5, D) and info["activation"] == "topk"
     assert info["k"] == 4 and {"fvu", "l0", "dead"} <= set(info["stats"]) and info["stats"]["l0"] <= 4
@@ -220,13 +245,44 @@ def test_train_rank_save_load_and_cli(sm, tmp_path):
     (tmp_path / "h.txt").write_text("\n".join(harm))
     (tmp_path / "s.txt").write_text("\n".join(safe))
     out = tmp_path / "v.safetensors"
-    res = CliRunner().invoke(app, ["vectors", "sae", str(tmp_path / "m"), "--layer", str(LAYER), "--harmful",
-                                   str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "s.txt"), "--sae",
-                                   str(tmp_path / "sae"), "--top", "3", "-o", str(out)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "vectors",
+            "sae",
+            str(tmp_path / "m"),
+            "--layer",
+            str(LAYER),
+            "--harmful",
+            str(tmp_path / "h.txt"),
+            "--harmless",
+            str(tmp_path / "s.txt"),
+            "--sae",
+            str(tmp_path / "sae"),
+            "--top",
+            "3",
+            "-o",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert SteeringVector.load(out).directions[LAYER].shape == (3, D)
-    res = CliRunner().invoke(app, ["vectors", "sae", str(tmp_path / "m"), "--layer", "1", "--harmful",
-                                   str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "s.txt"), "-o", str(out)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "vectors",
+            "sae",
+            str(tmp_path / "m"),
+            "--layer",
+            "1",
+            "--harmful",
+            str(tmp_path / "h.txt"),
+            "--harmless",
+            str(tmp_path / "s.txt"),
+            "-o",
+            str(out),
+        ],
+    )
     assert res.exit_code == 2 and "--train" in res.output
 
 
@@ -240,10 +296,15 @@ def test_family_sae_features_separate_heldout(request):
     rng = random.Random(0)
     harm = rng.sample([r.prompt for r in lang.harmful_prompts("train")], 96)
     safe = rng.sample([r.prompt for r in lang.harmless_prompts("train")], 96)
-    vec = compute_sae_features(aligned, aligned.num_layers // 2, harm, safe, train=True, steps=600, k=8, top=4,
-                               progress=False)
-    got = heldout_auc(aligned, vec, [r.prompt for r in lang.harmful_prompts("heldout", cap=64)],
-                      [r.prompt for r in lang.harmless_prompts("heldout", cap=64)])
+    vec = compute_sae_features(
+        aligned, aligned.num_layers // 2, harm, safe, train=True, steps=600, k=8, top=4, progress=False
+    )
+    got = heldout_auc(
+        aligned,
+        vec,
+        [r.prompt for r in lang.harmful_prompts("heldout", cap=64)],
+        [r.prompt for r in lang.harmless_prompts("heldout", cap=64)],
+    )
     best = max(max(a, 1 - a) for a in got.values())
     assert best >= 0.9, (got, vec.meta["sae"]["stats"])
 
@@ -262,7 +323,7 @@ def test_clamp_warns_when_its_block_forward_is_replaced():
             warnings.simplefilter("error")
             with torch.no_grad():
                 model(ids)
-        block.forward = functools.partial(type(block).forward, block)   # drops the clamp's wrapper
+        block.forward = functools.partial(type(block).forward, block)  # drops the clamp's wrapper
         with pytest.warns(RuntimeWarning, match="LlamaDecoderLayer was replaced after steering was attached"):
             with torch.no_grad():
                 model(ids)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_models import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from steer import SteeredModel, SteeringVector
@@ -9,7 +10,6 @@ from steer.cli import app
 from steer.errors import AlphaError, ModelMismatchError, VectorFileError
 from steer.params import dense_tau
 from steer.vectors.task import apply_task_vector, compute_task_vector, low_rank, unique_parameters
-from tiny_models import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -167,14 +167,28 @@ def test_cli_task(tmp_path):
         tiny_model("gpt2", seed=seed).save_pretrained(tmp_path / name)
         tiny_tokenizer().save_pretrained(tmp_path / name)
     out = tmp_path / "tau.safetensors"
-    res = CliRunner().invoke(app, ["vectors", "task", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out),
-                                   "--include", "mlp", "--rank", "2"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "vectors",
+            "task",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "-o",
+            str(out),
+            "--include",
+            "mlp",
+            "--rank",
+            "2",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "energy" in res.output and out.is_file()
     vec = SteeringVector.load(out)
     assert vec.meta["task"]["rank"] == 2 and all("mlp" in n for n in vec.meta["task"]["params"])
-    res = CliRunner().invoke(app, ["vectors", "task", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out),
-                                   "--top-k", "1.5"])
+    res = CliRunner().invoke(
+        app, ["vectors", "task", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out), "--top-k", "1.5"]
+    )
     assert res.exit_code == 2 and "top_k" in res.output
 
 
@@ -186,8 +200,9 @@ def test_family_aligned_equals_base_plus_tau(request):
     with torch.no_grad():
         aligned, base = SteeredModel.from_pretrained(paths["aligned"]), SteeredModel.from_pretrained(paths["base"])
         vec = compute_task_vector(aligned, base, progress=False)
-        prompts = [r.prompt for r in lang.harmful_prompts("heldout", cap=8)] + \
-                  [r.prompt for r in lang.harmless_prompts("heldout", cap=8)]
+        prompts = [r.prompt for r in lang.harmful_prompts("heldout", cap=8)] + [
+            r.prompt for r in lang.harmless_prompts("heldout", cap=8)
+        ]
         enc = base.encode(base.format(prompts), True, position_ids=True)
         want = aligned.model(**enc).logits
         snap = _snapshot(base.model)

@@ -9,9 +9,18 @@ V, D, L, H = 96, 32, 4, 4  # vocab, hidden, layers, heads
 
 
 def _cfg(name: str):
-    common = dict(vocab_size=V, hidden_size=D, intermediate_size=48, num_hidden_layers=L, num_attention_heads=H,
-                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1,
-                  bos_token_id=2)
+    common = dict(
+        vocab_size=V,
+        hidden_size=D,
+        intermediate_size=48,
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     if name == "llama":
         return tf.LlamaConfig(**common)
     if name == "mistral":
@@ -21,8 +30,9 @@ def _cfg(name: str):
     if name == "qwen3":
         return tf.Qwen3Config(**common, head_dim=8)
     if name == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**common, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                                 moe_intermediate_size=24, decoder_sparse_step=1)
+        return tf.Qwen3MoeConfig(
+            **common, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1
+        )
     if name == "mixtral":
         return tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
     if name == "gemma2":
@@ -32,24 +42,62 @@ def _cfg(name: str):
     if name == "phi3":
         return tf.Phi3Config(**common)
     if name == "gpt2":
-        return tf.GPT2Config(vocab_size=V, n_embd=D, n_layer=L, n_head=H, n_positions=128, pad_token_id=0,
-                             eos_token_id=1, bos_token_id=2)
+        return tf.GPT2Config(
+            vocab_size=V, n_embd=D, n_layer=L, n_head=H, n_positions=128, pad_token_id=0, eos_token_id=1, bos_token_id=2
+        )
     if name == "gpt_neox":
-        return tf.GPTNeoXConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
-                                intermediate_size=48, max_position_embeddings=128, pad_token_id=0, eos_token_id=1,
-                                bos_token_id=2)
+        return tf.GPTNeoXConfig(
+            vocab_size=V,
+            hidden_size=D,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            intermediate_size=48,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        )
     if name == "opt":
-        return tf.OPTConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, ffn_dim=48,
-                            word_embed_proj_dim=D, max_position_embeddings=128, pad_token_id=0, eos_token_id=1,
-                            bos_token_id=2)
+        return tf.OPTConfig(
+            vocab_size=V,
+            hidden_size=D,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            ffn_dim=48,
+            word_embed_proj_dim=D,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        )
     if name == "falcon":
-        return tf.FalconConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
-                               pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        return tf.FalconConfig(
+            vocab_size=V,
+            hidden_size=D,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        )
     raise KeyError(name)
 
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma2", "gemma3", "phi3", "gpt2",
-         "gpt_neox", "opt", "falcon")
+ARCHS = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "mixtral",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "opt",
+    "falcon",
+)
 
 
 def tiny_model(name: str = "llama", seed: int = 0):
@@ -69,10 +117,17 @@ def tiny_tokenizer():
     words = ["<pad>", "<eos>", "<bos>"] + [f"w{i}" for i in range(3, V)]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w3"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = tf.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
-                                     bos_token="<bos>", unk_token="w3", padding_side="left")
-    tok.chat_template = ("{% for m in messages %}w4 {{ m['content'] }} w5 {% endfor %}"
-                         "{% if add_generation_prompt %}w6 {% endif %}")
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="w3",
+        padding_side="left",
+    )
+    tok.chat_template = (
+        "{% for m in messages %}w4 {{ m['content'] }} w5 {% endfor %}{% if add_generation_prompt %}w6 {% endif %}"
+    )
     return tok
 
 

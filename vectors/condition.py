@@ -24,8 +24,7 @@ def unit_diff(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
     return (d / n if n > 0 else d).float()
 
 
-def score_layer(harmful: torch.Tensor, harmless: torch.Tensor, direction: torch.Tensor,
-                comparator: str = ">") -> dict:
+def score_layer(harmful: torch.Tensor, harmless: torch.Tensor, direction: torch.Tensor, comparator: str = ">") -> dict:
     """Separation of ``[N, d]`` harmful vs harmless activations along ``direction`` (made unit).
 
     ``comparator``: ``">"`` (harmful scores above the threshold), ``"<"``, or ``"auto"`` (the side the harmful
@@ -39,12 +38,23 @@ def score_layer(harmful: torch.Tensor, harmless: torch.Tensor, direction: torch.
     threshold, acc = best_threshold(sp, sn, comparator)
     pooled = ((sp.var(unbiased=False) + sn.var(unbiased=False)) / 2).sqrt().clamp_min(1e-12)
     dprime = float(sign * (sp.mean() - sn.mean()) / pooled)
-    return {"threshold": threshold, "comparator": comparator, "accuracy": round(acc, 6),
-            "auc": round(auc(sign * sp, sign * sn), 6), "dprime": round(dprime, 6)}
+    return {
+        "threshold": threshold,
+        "comparator": comparator,
+        "accuracy": round(acc, 6),
+        "auc": round(auc(sign * sp, sign * sn), 6),
+        "dprime": round(dprime, 6),
+    }
 
 
-def fit_condition(last_harmful: torch.Tensor, last_harmless: torch.Tensor, layers: list[int], *, max_layer: int,
-                  directions: dict[int, torch.Tensor] | None = None) -> tuple[dict, torch.Tensor, list[dict]]:
+def fit_condition(
+    last_harmful: torch.Tensor,
+    last_harmless: torch.Tensor,
+    layers: list[int],
+    *,
+    max_layer: int,
+    directions: dict[int, torch.Tensor] | None = None,
+) -> tuple[dict, torch.Tensor, list[dict]]:
     """Pick the condition layer ``<= max_layer``, its unit direction and threshold.
 
     ``last_*``: ``[N, len(layers), d]`` last-prompt-token activations (block outputs of ``layers``).
@@ -60,10 +70,20 @@ def fit_condition(last_harmful: torch.Tensor, last_harmless: torch.Tensor, layer
         dirs[layer] = (d.double() / d.double().norm().clamp_min(1e-12)).float()
         table.append({"layer": layer, **score_layer(h, s, dirs[layer])})
     if not table:
-        raise ValueError(f"expected a layer <= {max_layer} to read the condition at, found none in {layers}; "
-                         "fix: compute directions for earlier layers")
+        raise ValueError(
+            f"expected a layer <= {max_layer} to read the condition at, found none in {layers}; "
+            "fix: compute directions for earlier layers"
+        )
     best = max(table, key=lambda r: (r["accuracy"], r["auc"], r["dprime"]))
-    meta = {"layer": best["layer"], "threshold": best["threshold"], "reduce": "last", "comparator": ">",
-            "accuracy": best["accuracy"], "auc": best["auc"], "dprime": best["dprime"],
-            "n_harmful": int(last_harmful.shape[0]), "n_harmless": int(last_harmless.shape[0])}
+    meta = {
+        "layer": best["layer"],
+        "threshold": best["threshold"],
+        "reduce": "last",
+        "comparator": ">",
+        "accuracy": best["accuracy"],
+        "auc": best["auc"],
+        "dprime": best["dprime"],
+        "n_harmful": int(last_harmful.shape[0]),
+        "n_harmless": int(last_harmless.shape[0]),
+    }
     return meta, dirs[best["layer"]], table

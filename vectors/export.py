@@ -37,22 +37,34 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise SteerError("the gguf package is needed to write llama.cpp control vectors",
-                         expected="gguf installed", found="import gguf failed",
-                         fix="pip install gguf  (or pip install 'steer-runtime[gguf]')") from None
+        raise SteerError(
+            "the gguf package is needed to write llama.cpp control vectors",
+            expected="gguf installed",
+            found="import gguf failed",
+            fix="pip install gguf  (or pip install 'steer-runtime[gguf]')",
+        ) from None
     return gguf
 
 
-def gguf_directions(vector: SteeringVector, *, layers: list[int] | None = None, alpha: float | None = None,
-                    direction_index: int | None = None, allow_non_add: bool = False) -> dict[int, np.ndarray]:
+def gguf_directions(
+    vector: SteeringVector,
+    *,
+    layers: list[int] | None = None,
+    alpha: float | None = None,
+    direction_index: int | None = None,
+    allow_non_add: bool = False,
+) -> dict[int, np.ndarray]:
     """The ``{llama.cpp layer N: float32 [d]}`` tensors that :func:`export_gguf` writes."""
     rec = vector.recommended
     mode = rec.get("mode") or vector.meta.get("op") or "add"
     if mode != "add" and not allow_non_add:
-        raise ConfigError(f"llama.cpp control vectors can only add (unconditionally); this vector's mode is {mode!r}",
-                          expected="a vector used in add mode", found=f"mode {mode!r}",
-                          fix="export the directions as a plain addition with --as-add (allow_non_add=True); "
-                          "any ablation or condition is dropped")
+        raise ConfigError(
+            f"llama.cpp control vectors can only add (unconditionally); this vector's mode is {mode!r}",
+            expected="a vector used in add mode",
+            found=f"mode {mode!r}",
+            fix="export the directions as a plain addition with --as-add (allow_non_add=True); "
+            "any ablation or condition is dropped",
+        )
     site = vector.meta.get("site", "output")
     chosen = list(layers) if layers else (list(rec.get("layers") or []) or vector.layers)
     a = check_alpha(alpha if alpha is not None else rec.get("alpha", 1.0))
@@ -61,22 +73,36 @@ def gguf_directions(vector: SteeringVector, *, layers: list[int] | None = None, 
     for layer in chosen:
         key = layer if layer in vector.directions else source
         if key not in vector.directions:
-            raise LayerError(f"the vector has no direction for layer {layer}", expected=f"one of {vector.layers}",
-                             found=str(layer), fix="pass layers the vector has")
+            raise LayerError(
+                f"the vector has no direction for layer {layer}",
+                expected=f"one of {vector.layers}",
+                found=str(layer),
+                fix="pass layers the vector has",
+            )
         n = layer - 1 if site == "input" else layer  # the input of block i is the output of block i-1
         if n < 1:
-            raise LayerError(f"layer {layer} ({site}) cannot be expressed as a llama.cpp control vector",
-                             expected="the output of block 1 or later (direction.0 is rejected by llama.cpp)",
-                             found=f"block {n} output", fix="steer a later layer (--layers)")
+            raise LayerError(
+                f"layer {layer} ({site}) cannot be expressed as a llama.cpp control vector",
+                expected="the output of block 1 or later (direction.0 is rejected by llama.cpp)",
+                found=f"block {n} output",
+                fix="steer a later layer (--layers)",
+            )
         d = vector.directions[key]
         if d.dim() == 2:
             if direction_index is None:
-                raise ConfigError(f"layer {layer} holds {d.shape[0]} directions; a control vector holds one",
-                                  expected="a single direction per layer", found=f"shape {tuple(d.shape)}",
-                                  fix="pick one with --direction-index i (direction_index=i)")
+                raise ConfigError(
+                    f"layer {layer} holds {d.shape[0]} directions; a control vector holds one",
+                    expected="a single direction per layer",
+                    found=f"shape {tuple(d.shape)}",
+                    fix="pick one with --direction-index i (direction_index=i)",
+                )
             if not -d.shape[0] <= direction_index < d.shape[0]:
-                raise ConfigError("direction index out of range", expected=f"0..{d.shape[0] - 1}",
-                                  found=str(direction_index), fix="pass a valid --direction-index")
+                raise ConfigError(
+                    "direction index out of range",
+                    expected=f"0..{d.shape[0] - 1}",
+                    found=str(direction_index),
+                    fix="pass a valid --direction-index",
+                )
             d = d[direction_index]
         out[n] = (a * d.double()).float().numpy().astype(np.float32)
     return dict(sorted(out.items()))
@@ -114,6 +140,9 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[int, np.ndarray]]:
         if name.startswith("GGUF."):
             continue
         meta[name] = field.contents()
-    tensors = {int(t.name.split(".", 1)[1]): np.array(t.data, dtype=np.float32).reshape(-1)
-               for t in reader.tensors if t.name.startswith("direction.")}
+    tensors = {
+        int(t.name.split(".", 1)[1]): np.array(t.data, dtype=np.float32).reshape(-1)
+        for t in reader.tensors
+        if t.name.startswith("direction.")
+    }
     return meta, tensors

@@ -59,8 +59,12 @@ def prompt_sha256(prompts: list[str]) -> str:
 def _texts(prompts, what: str) -> list[str]:
     out = [p if isinstance(p, str) else getattr(p, "prompt", None) for p in prompts]
     if len(out) < 2 or any(not isinstance(p, str) for p in out):
-        raise ConfigError(f"{what} prompts are missing or malformed", expected="at least 2 prompt strings",
-                          found=f"{len(out)} items", fix=f"pass a list of {what} prompts (or records with .prompt)")
+        raise ConfigError(
+            f"{what} prompts are missing or malformed",
+            expected="at least 2 prompt strings",
+            found=f"{len(out)} items",
+            fix=f"pass a list of {what} prompts (or records with .prompt)",
+        )
     return out
 
 
@@ -89,11 +93,27 @@ def _load(model, **kw):
 
 
 @torch.no_grad()
-def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: list[int] | None = None,
-                    select: bool = True, calibrate_on=None, judge=None, n_eval: int = 32, kl_bound: float = 0.1,
-                    max_new_tokens: int = 12, alpha_grid=ALPHA_GRID, alpha_target: float = 0.9,
-                    condition: bool = True, batch_size: int = 32, progress: bool = False,
-                    model_name: str | None = None, add_scope: str = "auto"):
+def compute_refusal(
+    sm,
+    harmful,
+    harmless,
+    *,
+    positions: str = "last",
+    layers: list[int] | None = None,
+    select: bool = True,
+    calibrate_on=None,
+    judge=None,
+    n_eval: int = 32,
+    kl_bound: float = 0.1,
+    max_new_tokens: int = 12,
+    alpha_grid=ALPHA_GRID,
+    alpha_target: float = 0.9,
+    condition: bool = True,
+    batch_size: int = 32,
+    progress: bool = False,
+    model_name: str | None = None,
+    add_scope: str = "auto",
+):
     """Refusal directions for every layer of ``sm`` (or ``layers``) as a :class:`~steer.SteeringVector`.
 
     ``harmful`` / ``harmless``: prompt strings (or records with ``.prompt``). ``select``: measure candidate
@@ -108,23 +128,28 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
     and keeps the better).
     """
     if positions not in POSITIONS:
-        raise ConfigError("unknown positions", expected=" | ".join(POSITIONS), found=repr(positions),
-                          fix="use --positions last")
+        raise ConfigError(
+            "unknown positions", expected=" | ".join(POSITIONS), found=repr(positions), fix="use --positions last"
+        )
     harmful, harmless = _texts(harmful, "harmful"), _texts(harmless, "harmless")
     layers = check_layers(layers if layers is not None else range(sm.num_layers), sm.num_layers)
     learned = judge is None or judge in ("auto", "pair")
     if not learned:
         judge = make_judge(judge, reference=sm)  # a bad spec fails here, before any generation
-    record = learn_judge(sm, _subset(harmful, n_eval), _subset(harmless, n_eval), max_new_tokens=max_new_tokens,
-                         batch_size=batch_size)
+    record = learn_judge(
+        sm, _subset(harmful, n_eval), _subset(harmless, n_eval), max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     if learned and not record["openings"] and judge == "pair":
-        raise ConfigError("the model shows no consistent refusal to learn a pair judge from",
-                          expected="an opening shared by >= 10% of its harmful completions and <= 5% of harmless",
-                          found=f"completions such as {record.get('examples')[:2] or 'none'}",
-                          fix="use --judge markers (or another judge), or compute the vector from an aligned model")
+        raise ConfigError(
+            "the model shows no consistent refusal to learn a pair judge from",
+            expected="an opening shared by >= 10% of its harmful completions and <= 5% of harmless",
+            found=f"completions such as {record.get('examples')[:2] or 'none'}",
+            fix="use --judge markers (or another judge), or compute the vector from an aligned model",
+        )
     if learned:
-        judge = PairJudge(record, coherence=Coherence(sm)) if record["openings"] else \
-            RefusalJudge(coherence=Coherence(sm))
+        judge = (
+            PairJudge(record, coherence=Coherence(sm)) if record["openings"] else RefusalJudge(coherence=Coherence(sm))
+        )
     kw = dict(layers=layers, batch_size=batch_size)
     acts_h = collect(sm, harmful, positions=positions, progress=progress and "harmful activations", **kw)
     acts_s = collect(sm, harmless, positions=positions, progress=progress and "harmless activations", **kw)
@@ -145,41 +170,80 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
         tried = {}
         for scope in scopes:  # "auto": measure both token scopes of the addition and keep the better one
             tried[scope] = evaluate_candidates(
-                sm, directions, _subset(harmful, n_eval), _subset(harmless, n_eval), candidates=cands, judge=judge,
-                max_new_tokens=max_new_tokens, kl_bound=kl_bound, batch_size=batch_size, progress=progress,
-                add_scope=scope)
+                sm,
+                directions,
+                _subset(harmful, n_eval),
+                _subset(harmless, n_eval),
+                candidates=cands,
+                judge=judge,
+                max_new_tokens=max_new_tokens,
+                kl_bound=kl_bound,
+                batch_size=batch_size,
+                progress=progress,
+                add_scope=scope,
+            )
+
         def top(scope):  # ties: fewer degenerate completions, then "prompt" (leaves generated tokens alone)
             rows = [r for r in tried[scope]["table"] if r["layer"] == tried[scope]["chosen"]]
             return (rows[0]["eligible"], rows[0]["score"], -rows[0]["degenerate"], scope == "prompt")
+
         add_scope = max(scopes, key=top)
         sel = tried[add_scope]
         sel["add_scope"] = add_scope
         if len(scopes) > 1:
             sel["add_scope_scores"] = {sc: top(sc)[1] for sc in scopes}
         best = sel["chosen"]
-        alpha, sweep = choose_alpha(sm, directions[best], best, _subset(harmless, n_eval), judge=judge,
-                                    grid=list(alpha_grid), target=alpha_target, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, progress=progress, add_scope=add_scope)
-        sel.update(alpha_sweep=sweep, alpha_target=alpha_target,
-                   judge=getattr(judge, "describe", lambda: {"name": repr(judge)})())
+        alpha, sweep = choose_alpha(
+            sm,
+            directions[best],
+            best,
+            _subset(harmless, n_eval),
+            judge=judge,
+            grid=list(alpha_grid),
+            target=alpha_target,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            add_scope=add_scope,
+        )
+        sel.update(
+            alpha_sweep=sweep,
+            alpha_target=alpha_target,
+            judge=getattr(judge, "describe", lambda: {"name": repr(judge)})(),
+        )
     else:
         add_scope = "all" if add_scope == "auto" else add_scope  # nothing measured: Arditi et al.'s default
-        norms = {l: float(directions[l].norm() / last_s[:, layers.index(l)].norm(dim=-1).mean().clamp_min(1e-12))
-                 for l in cands}
+        norms = {
+            l: float(directions[l].norm() / last_s[:, layers.index(l)].norm(dim=-1).mean().clamp_min(1e-12))
+            for l in cands
+        }
         best, alpha = max(cands, key=lambda l: norms[l]), 1.0
-        sel = {"method": "norm_ratio", "measured": False, "candidates": cands,
-               "table": [{"layer": l, "norm_ratio": round(r, 6)} for l, r in norms.items()], "chosen": best}
+        sel = {
+            "method": "norm_ratio",
+            "measured": False,
+            "candidates": cands,
+            "table": [{"layer": l, "norm_ratio": round(r, 6)} for l, r in norms.items()],
+            "chosen": best,
+        }
 
     fp = sm.fingerprint()
     if model_name:
         fp["name_or_path"] = model_name
     meta = {
-        "kind": "refusal", "op": "add", "site": "output", "scope": "all", "model": fp,
-        "recommended": {"layers": [best], "alpha": alpha, "mode": "add", "source_layer": best,
-                        "scope": add_scope},
-        "provenance": {"method": "diff_in_means", "positions": positions,
-                       "prompt_sets": {"harmful": prompt_sha256(harmful), "harmless": prompt_sha256(harmless)},
-                       "n_harmful": len(harmful), "n_harmless": len(harmless), "model": fp["name_or_path"]},
+        "kind": "refusal",
+        "op": "add",
+        "site": "output",
+        "scope": "all",
+        "model": fp,
+        "recommended": {"layers": [best], "alpha": alpha, "mode": "add", "source_layer": best, "scope": add_scope},
+        "provenance": {
+            "method": "diff_in_means",
+            "positions": positions,
+            "prompt_sets": {"harmful": prompt_sha256(harmful), "harmless": prompt_sha256(harmless)},
+            "n_harmful": len(harmful),
+            "n_harmless": len(harmless),
+            "model": fp["name_or_path"],
+        },
         "selection": sel,
         "judge": record,
     }
@@ -194,8 +258,11 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
             fixed = {l: unit_diff(last_h[:, layers.index(l)], last_s[:, layers.index(l)]) for l in cal_layers}
             cal, cond_dir, table = fit_condition(th, ts, cal_layers, max_layer=best, directions=fixed)
             tfp = target.fingerprint()
-            named = calibrate_on if isinstance(calibrate_on, str) else \
-                (getattr(target, "source", None) or tfp["name_or_path"])
+            named = (
+                calibrate_on
+                if isinstance(calibrate_on, str)
+                else (getattr(target, "source", None) or tfp["name_or_path"])
+            )
             cal["calibrated_on"] = named or tfp["architecture"]
             cal["source_fit"] = meta["condition"]
             meta["condition"], meta["condition_table"] = cal, table
@@ -204,12 +271,11 @@ def compute_refusal(sm, harmful, harmless, *, positions: str = "last", layers: l
     return SteeringVector(directions, meta, condition_direction=cond_dir)
 
 
-def learn_judge(sm, harmful: list[str], harmless: list[str], *, max_new_tokens: int = 12,
-                batch_size: int = 32) -> dict:
+def learn_judge(sm, harmful: list[str], harmless: list[str], *, max_new_tokens: int = 12, batch_size: int = 32) -> dict:
     """The pair judge's record: ``sm``'s own greedy completions on ``harmful`` and ``harmless`` prompts, and the
     openings that mark its refusals (:func:`steer.judge.learn_refusals`)."""
     comps = sm.generate(list(harmful) + list(harmless), max_new_tokens=max_new_tokens, batch_size=batch_size)
-    record = learn_refusals(comps[:len(harmful)], comps[len(harmful):], harmful_prompts=list(harmful))
+    record = learn_refusals(comps[: len(harmful)], comps[len(harmful) :], harmful_prompts=list(harmful))
     record["max_new_tokens"] = max_new_tokens
     return record
 
@@ -222,17 +288,23 @@ def selection_table(vec):
     rec = vec.recommended
     table = Table(title=f"refusal direction: layer {rec.get('layers')} α={rec.get('alpha')}")
     rows = sel.get("table") or []
-    cols = [c for c in ("layer", "induce", "degenerate", "bypass", "kl", "score", "eligible", "norm", "norm_ratio")
-            if rows and c in rows[0]]
+    cols = [
+        c
+        for c in ("layer", "induce", "degenerate", "bypass", "kl", "score", "eligible", "norm", "norm_ratio")
+        if rows and c in rows[0]
+    ]
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:
         mark = " *" if r["layer"] == sel.get("chosen") else ""
-        table.add_row(*[(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])) + (mark if c == "layer" else "")
-                        for c in cols])
+        table.add_row(
+            *[(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])) + (mark if c == "layer" else "") for c in cols]
+        )
     plain = sel.get("refusal_plain")
     if plain:
-        table.caption = (f"plain refusal: harmful {plain['harmful']:.2f}, harmless {plain['harmless']:.2f}; "
-                         f"induce = refusal on harmless with +r_l at l; bypass = refusal on harmful with r̂_l "
-                         f"ablated everywhere; KL bound {sel.get('kl_bound')}")
+        table.caption = (
+            f"plain refusal: harmful {plain['harmful']:.2f}, harmless {plain['harmless']:.2f}; "
+            f"induce = refusal on harmless with +r_l at l; bypass = refusal on harmful with r̂_l "
+            f"ablated everywhere; KL bound {sel.get('kl_bound')}"
+        )
     return table

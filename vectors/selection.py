@@ -11,8 +11,8 @@ disrupting the next-token distribution rather than by mediating refusal) three n
 
 Refusal is judged on a few greedily generated tokens by a judge that counts only *coherent* refusals
 (:mod:`steer.judge`); ``degenerate`` is the larger rate of incoherent completions among the induce rows and
-among the ablation rows (a degenerate completion under ablation counts as still refused: garbage is no bypass). A layer is
-eligible when ``kl <= kl_bound`` and ``degenerate <= max_degenerate``; the chosen one maximises
+among the ablation rows (a degenerate completion under ablation counts as still refused: garbage is no
+bypass). A layer is eligible when ``kl <= kl_bound`` and ``degenerate <= max_degenerate``; the chosen one maximises
 ``induce + (refusal_plain − bypass)`` (ties: less degenerate, lower KL, then the earlier layer). When no layer
 is eligible, the choice falls back to the measured effect among the layers that meet the coherence bound, and
 failing that to the least degenerate layer: never to a fixed position.
@@ -40,8 +40,14 @@ def candidate_layers(layers: list[int], num_layers: int) -> list[int]:
 
 def _handle(sm, spec):
     layer, vec, mode, layers, *scope = spec
-    return sm.steer(SteeringVector({layer: vec}), layers=layers, mode=mode, alpha=1.0, source_layer=layer,
-                    scope=scope[0] if scope else None)
+    return sm.steer(
+        SteeringVector({layer: vec}),
+        layers=layers,
+        mode=mode,
+        alpha=1.0,
+        source_layer=layer,
+        scope=scope[0] if scope else None,
+    )
 
 
 def run_rows(sm, rows, specs: dict, *, fn, batch_size: int = 32, progress=None):
@@ -51,7 +57,7 @@ def run_rows(sm, rows, specs: dict, *, fn, batch_size: int = 32, progress=None):
     chat_applied = has_chat_template(sm.tokenizer)
     out = []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         keys = list(dict.fromkeys(r[1] for r in chunk if r[1] is not None))
         handles = []
         try:
@@ -75,7 +81,7 @@ def _generator(sm, max_new_tokens: int):
     @torch.no_grad()
     def fn(enc):
         ids = sm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        return sm.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return sm.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
     return fn
 
@@ -89,10 +95,21 @@ def _last_logprobs(sm):
     return fn
 
 
-def evaluate_candidates(sm, directions: dict[int, torch.Tensor], harmful: list[str], harmless: list[str], *,
-                        candidates: list[int], judge, max_new_tokens: int = 12, kl_bound: float = 0.1,
-                        max_degenerate: float = 0.1, batch_size: int = 32, progress: bool = False,
-                        add_scope: str = "all") -> dict:
+def evaluate_candidates(
+    sm,
+    directions: dict[int, torch.Tensor],
+    harmful: list[str],
+    harmless: list[str],
+    *,
+    candidates: list[int],
+    judge,
+    max_new_tokens: int = 12,
+    kl_bound: float = 0.1,
+    max_degenerate: float = 0.1,
+    batch_size: int = 32,
+    progress: bool = False,
+    add_scope: str = "all",
+) -> dict:
     """Measure ``induce``, ``bypass`` and ``kl`` for each candidate layer; return the selection record."""
     all_layers = list(range(sm.num_layers))
     texts_h, texts_s = sm.format(harmful), sm.format(harmless)
@@ -107,61 +124,91 @@ def evaluate_candidates(sm, directions: dict[int, torch.Tensor], harmful: list[s
     for l in candidates:
         kl_rows += [(t, ("ablate", l), 1.0) for t in texts_s]
     with _Bar(progress, len(gen_rows) + len(kl_rows), "selecting a layer") as bar:
-        comps = run_rows(sm, gen_rows, specs, fn=_generator(sm, max_new_tokens), batch_size=batch_size,
-                         progress=bar)
+        comps = run_rows(sm, gen_rows, specs, fn=_generator(sm, max_new_tokens), batch_size=batch_size, progress=bar)
         logps = run_rows(sm, kl_rows, specs, fn=_last_logprobs(sm), batch_size=batch_size, progress=bar)
     seen = [r[0] for r in gen_rows]
     verdicts = as_judge(judge).verdicts(seen, comps)
     flags = [v.refusal for v in verdicts]
     nh, ns = len(harmful), len(harmless)
-    base_h, base_s = _rate(flags[:nh]), _rate(flags[nh:nh + ns])
+    base_h, base_s = _rate(flags[:nh]), _rate(flags[nh : nh + ns])
     plain = torch.stack(logps[:ns])
     table = []
     pos = nh + ns
     for i, l in enumerate(candidates):
-        induce = _rate(flags[pos:pos + ns])
-        bypassed = verdicts[pos + ns:pos + ns + nh]
+        induce = _rate(flags[pos : pos + ns])
+        bypassed = verdicts[pos + ns : pos + ns + nh]
         # a degenerate completion under ablation is no bypass: it counts as still refused
         bypass = _rate([v.refusal or v.degenerate for v in bypassed])
-        degenerate = max(_rate([v.degenerate for v in verdicts[pos:pos + ns]]),
-                         _rate([v.degenerate for v in bypassed]))
+        degenerate = max(
+            _rate([v.degenerate for v in verdicts[pos : pos + ns]]), _rate([v.degenerate for v in bypassed])
+        )
         pos += ns + nh
-        ablated = torch.stack(logps[ns * (i + 1):ns * (i + 2)])
+        ablated = torch.stack(logps[ns * (i + 1) : ns * (i + 2)])
         kl = float((plain.exp() * (plain - ablated)).sum(-1).mean())
-        table.append({"layer": l, "induce": induce, "degenerate": degenerate, "bypass": bypass, "kl": round(kl, 6),
-                      "score": round(induce + (base_h - bypass), 6),
-                      "eligible": kl <= kl_bound and degenerate <= max_degenerate,
-                      "norm": round(float(directions[l].norm()), 6)})
+        table.append(
+            {
+                "layer": l,
+                "induce": induce,
+                "degenerate": degenerate,
+                "bypass": bypass,
+                "kl": round(kl, 6),
+                "score": round(induce + (base_h - bypass), 6),
+                "eligible": kl <= kl_bound and degenerate <= max_degenerate,
+                "norm": round(float(directions[l].norm()), 6),
+            }
+        )
     eligible = [r for r in table if r["eligible"]]
     coherent = [r for r in table if r["degenerate"] <= max_degenerate]
     if eligible or coherent:
         best = max(eligible or coherent, key=lambda r: (r["score"], -r["degenerate"], -r["kl"], -r["layer"]))
     else:
         best = max(table, key=lambda r: (-r["degenerate"], r["score"], -r["kl"], -r["layer"]))
-    return {"method": "arditi2024", "candidates": candidates, "kl_bound": kl_bound,
-            "max_degenerate": max_degenerate,
-            "refusal_plain": {"harmful": base_h, "harmless": base_s}, "n_eval": {"harmful": nh, "harmless": ns},
-            "max_new_tokens": max_new_tokens, "table": table, "chosen": best["layer"],
-            "kl_fallback": not eligible, "fallback": "coherent" if not eligible and coherent else
-            ("least_degenerate" if not eligible else None)}
+    return {
+        "method": "arditi2024",
+        "candidates": candidates,
+        "kl_bound": kl_bound,
+        "max_degenerate": max_degenerate,
+        "refusal_plain": {"harmful": base_h, "harmless": base_s},
+        "n_eval": {"harmful": nh, "harmless": ns},
+        "max_new_tokens": max_new_tokens,
+        "table": table,
+        "chosen": best["layer"],
+        "kl_fallback": not eligible,
+        "fallback": "coherent" if not eligible and coherent else ("least_degenerate" if not eligible else None),
+    }
 
 
-def choose_alpha(sm, direction: torch.Tensor, layer: int, harmless: list[str], *, judge, grid, target: float = 0.9,
-                 max_new_tokens: int = 12, batch_size: int = 32, progress: bool = False,
-                 add_scope: str = "all") -> tuple[float, list[dict]]:
+def choose_alpha(
+    sm,
+    direction: torch.Tensor,
+    layer: int,
+    harmless: list[str],
+    *,
+    judge,
+    grid,
+    target: float = 0.9,
+    max_new_tokens: int = 12,
+    batch_size: int = 32,
+    progress: bool = False,
+    add_scope: str = "all",
+) -> tuple[float, list[dict]]:
     """Smallest α in ``grid`` whose addition at ``layer`` makes ≥ ``target`` of harmless prompts refused
     coherently (else the α with the highest rate, ties to the smaller α); all α in one batched pass."""
     specs = {"add": (layer, direction, "add", [layer], add_scope)}
     texts = sm.format(harmless)
     rows = [(t, "add", float(a)) for a in grid for t in texts]
     with _Bar(progress, len(rows), "choosing alpha") as bar:
-        comps = run_rows(sm, rows, specs, fn=_generator(sm, max_new_tokens), batch_size=batch_size,
-                         progress=bar)
+        comps = run_rows(sm, rows, specs, fn=_generator(sm, max_new_tokens), batch_size=batch_size, progress=bar)
     n = len(texts)
     verdicts = as_judge(judge).verdicts([r[0] for r in rows], comps)
-    sweep = [{"alpha": float(a), "induce": _rate([v.refusal for v in verdicts[i * n:(i + 1) * n]]),
-              "degenerate": _rate([v.degenerate for v in verdicts[i * n:(i + 1) * n]])}
-             for i, a in enumerate(grid)]
+    sweep = [
+        {
+            "alpha": float(a),
+            "induce": _rate([v.refusal for v in verdicts[i * n : (i + 1) * n]]),
+            "degenerate": _rate([v.degenerate for v in verdicts[i * n : (i + 1) * n]]),
+        }
+        for i, a in enumerate(grid)
+    ]
     hits = [r for r in sweep if r["induce"] >= target]
     pick = hits[0] if hits else max(sweep, key=lambda r: (r["induce"], -r["alpha"]))
     return pick["alpha"], sweep

@@ -61,8 +61,9 @@ def best_threshold(scores_pos, scores_neg, comparator: str = ">") -> tuple[float
         mids = (values[1:] + values[:-1]) / 2
         span = float(values[-1] - values[0])
         cands = torch.cat([values[:1] - span * 1e-3, mids, values[-1:] + span * 1e-3])
-        gaps = torch.cat([torch.zeros(1, dtype=torch.float64), values[1:] - values[:-1],
-                          torch.zeros(1, dtype=torch.float64)])
+        gaps = torch.cat(
+            [torch.zeros(1, dtype=torch.float64), values[1:] - values[:-1], torch.zeros(1, dtype=torch.float64)]
+        )
     correct = (pos[None, :] > cands[:, None]).sum(1) + (neg[None, :] <= cands[:, None]).sum(1)
     acc = correct.double() / (pos.numel() + neg.numel())
     best = acc.max()

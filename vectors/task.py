@@ -56,8 +56,7 @@ def unique_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def conv1d_params(model: nn.Module) -> set[str]:
     """Names of GPT-2 style ``Conv1D`` weights (stored [in, out])."""
-    return {f"{mod_name}.weight" if mod_name else "weight" for mod_name, mod in model.named_modules()
-            if is_conv1d(mod)}
+    return {f"{mod_name}.weight" if mod_name else "weight" for mod_name, mod in model.named_modules() if is_conv1d(mod)}
 
 
 def _select(names, include: str | None, exclude: str | None) -> list[str]:
@@ -65,8 +64,12 @@ def _select(names, include: str | None, exclude: str | None) -> list[str]:
         inc = re.compile(include) if include else None
         exc = re.compile(exclude) if exclude else None
     except re.error as err:
-        raise VectorFileError("bad parameter-name regex", expected="a Python regular expression",
-                              found=f"{err.pattern!r}: {err}", fix="fix --include / --exclude") from None
+        raise VectorFileError(
+            "bad parameter-name regex",
+            expected="a Python regular expression",
+            found=f"{err.pattern!r}: {err}",
+            fix="fix --include / --exclude",
+        ) from None
     return [n for n in names if (inc is None or inc.search(n)) and (exc is None or not exc.search(n))]
 
 
@@ -100,9 +103,17 @@ def low_rank(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def compute_task_vector(aligned_model, base_model, *, include: str | None = None, exclude: str | None = None,
-                        top_k: float | None = None, rank: int | None = None, role: str = "safety",
-                        progress: bool = True) -> SteeringVector:
+def compute_task_vector(
+    aligned_model,
+    base_model,
+    *,
+    include: str | None = None,
+    exclude: str | None = None,
+    top_k: float | None = None,
+    rank: int | None = None,
+    role: str = "safety",
+    progress: bool = True,
+) -> SteeringVector:
     """τ = θ_aligned − θ_base as a :class:`SteeringVector` of kind ``"task"`` (see module docstring).
 
     Models may be ``nn.Module`` or :class:`steer.SteeredModel`. ``role`` is ``"safety"`` (recommended
@@ -112,14 +123,26 @@ def compute_task_vector(aligned_model, base_model, *, include: str | None = None
 
     aligned, base = _unwrap(aligned_model), _unwrap(base_model)
     if top_k is not None and not 0.0 < float(top_k) <= 1.0:
-        raise VectorFileError("--top-k is a fraction of entries kept per tensor", expected="0 < top_k <= 1",
-                              found=str(top_k), fix="e.g. --top-k 0.2 keeps the largest 20% of each tensor")
+        raise VectorFileError(
+            "--top-k is a fraction of entries kept per tensor",
+            expected="0 < top_k <= 1",
+            found=str(top_k),
+            fix="e.g. --top-k 0.2 keeps the largest 20% of each tensor",
+        )
     if rank is not None and (isinstance(rank, bool) or int(rank) < 1):
-        raise VectorFileError("--rank must be a positive integer", expected="rank >= 1", found=str(rank),
-                              fix="e.g. --rank 8, or leave it out for dense deltas")
+        raise VectorFileError(
+            "--rank must be a positive integer",
+            expected="rank >= 1",
+            found=str(rank),
+            fix="e.g. --rank 8, or leave it out for dense deltas",
+        )
     if role not in ("safety", "harm"):
-        raise VectorFileError("unknown task-vector role", expected="'safety' or 'harm'", found=repr(role),
-                              fix="use role='harm' for θ_compromised − θ_aligned")
+        raise VectorFileError(
+            "unknown task-vector role",
+            expected="'safety' or 'harm'",
+            found=repr(role),
+            fix="use role='harm' for θ_compromised − θ_aligned",
+        )
     pa, pb = unique_parameters(aligned), unique_parameters(base)
     only_a, only_b = sorted(set(pa) - set(pb)), sorted(set(pb) - set(pa))
     if only_a or only_b:
@@ -127,27 +150,38 @@ def compute_task_vector(aligned_model, base_model, *, include: str | None = None
             "the two models have different parameters",
             expected="the same architecture (a fine-tune and its base)",
             found=f"only in ALIGNED: {only_a[:5]}{'…' if len(only_a) > 5 else ''}; "
-                  f"only in BASE: {only_b[:5]}{'…' if len(only_b) > 5 else ''}",
-            fix="pass a fine-tuned model and the model it was fine-tuned from")
+            f"only in BASE: {only_b[:5]}{'…' if len(only_b) > 5 else ''}",
+            fix="pass a fine-tuned model and the model it was fine-tuned from",
+        )
     bad = [(n, tuple(pa[n].shape), tuple(pb[n].shape)) for n in pa if pa[n].shape != pb[n].shape]
     if bad:
         n, sa, sb = bad[0]
-        raise ModelMismatchError(f"parameter {n} has different shapes ({len(bad)} mismatches)",
-                                 expected=f"{sb} (as in BASE)", found=f"{sa} in ALIGNED",
-                                 fix="pass models of the same size")
+        raise ModelMismatchError(
+            f"parameter {n} has different shapes ({len(bad)} mismatches)",
+            expected=f"{sb} (as in BASE)",
+            found=f"{sa} in ALIGNED",
+            fix="pass models of the same size",
+        )
     names = _select(list(pa), include, exclude)
     if not names:
-        raise VectorFileError("no parameter matches the include/exclude filters",
-                              expected=f"at least one of {list(pa)[:4]}…",
-                              found=f"include={include!r}, exclude={exclude!r}", fix="loosen the regexes")
+        raise VectorFileError(
+            "no parameter matches the include/exclude filters",
+            expected=f"at least one of {list(pa)[:4]}…",
+            found=f"include={include!r}, exclude={exclude!r}",
+            fix="loosen the regexes",
+        )
     conv = conv1d_params(base)
     extra, params, skipped = {}, {}, []
     bar = _bar(progress, len(names))
     for name in names:
         delta = pa[name].detach().float().cpu() - pb[name].detach().float().cpu()
         if not torch.isfinite(delta).all():
-            raise ModelMismatchError(f"parameter {name} differs by NaN or inf", expected="finite weights",
-                                     found="non-finite entries", fix="check both checkpoints load correctly")
+            raise ModelMismatchError(
+                f"parameter {name} differs by NaN or inf",
+                expected="finite weights",
+                found="non-finite entries",
+                fix="check both checkpoints load correctly",
+            )
         if bar is not None:
             bar[0].update(bar[1], advance=1)
         if not delta.any():
@@ -156,8 +190,14 @@ def compute_task_vector(aligned_model, base_model, *, include: str | None = None
         kept = delta.numel()
         if top_k is not None:
             delta, kept = _top_k(delta, float(top_k))
-        info = {"shape": list(delta.shape), "conv1d": name in conv, "rank": None, "energy": 1.0, "kept": kept,
-                "norm": round(float(delta.norm()), 6)}
+        info = {
+            "shape": list(delta.shape),
+            "conv1d": name in conv,
+            "rank": None,
+            "energy": 1.0,
+            "kept": kept,
+            "norm": round(float(delta.norm()), 6),
+        }
         if rank is not None and delta.dim() == 2:
             mat = delta.T if info["conv1d"] else delta  # Linear orientation [out, in]
             up, down, energy = low_rank(mat, int(rank))
@@ -169,19 +209,32 @@ def compute_task_vector(aligned_model, base_model, *, include: str | None = None
     if bar is not None:
         bar[0].stop()
     if not params:
-        raise VectorFileError("the two models are identical on every selected parameter",
-                              expected="a fine-tune and its base", found=f"{len(names)} unchanged tensors",
-                              fix="check the paths (ALIGNED first, BASE second)")
+        raise VectorFileError(
+            "the two models are identical on every selected parameter",
+            expected="a fine-tune and its base",
+            found=f"{len(names)} unchanged tensors",
+            fix="check the paths (ALIGNED first, BASE second)",
+        )
     fp = fingerprint(base)
     meta = {
-        "kind": "task", "op": "add", "model": fp,
-        "task": {"params": params, "include": include, "exclude": exclude,
-                 "top_k": None if top_k is None else float(top_k), "rank": None if rank is None else int(rank),
-                 "role": role, "unchanged": skipped},
+        "kind": "task",
+        "op": "add",
+        "model": fp,
+        "task": {
+            "params": params,
+            "include": include,
+            "exclude": exclude,
+            "top_k": None if top_k is None else float(top_k),
+            "rank": None if rank is None else int(rank),
+            "role": role,
+            "unchanged": skipped,
+        },
         "recommended": {"alpha": 1.0 if role == "safety" else -1.0, "mode": "merge"},
-        "provenance": {"method": "task_arithmetic",
-                       "aligned": getattr(getattr(aligned, "config", None), "_name_or_path", "") or "",
-                       "base": fp["name_or_path"]},
+        "provenance": {
+            "method": "task_arithmetic",
+            "aligned": getattr(getattr(aligned, "config", None), "_name_or_path", "") or "",
+            "base": fp["name_or_path"],
+        },
     }
     return SteeringVector({}, meta, None, extra)
 
@@ -206,15 +259,23 @@ def energy_table(vector: SteeringVector, max_rows: int = 60):
     title = f"task vector ({t.get('role')}): {len(info)} tensors" + (f", rank {t['rank']}" if t.get("rank") else "")
     table = Table(title=title)
     for col in ("parameter", "shape", "kept", "rank", "energy", "‖τ‖"):
-        table.add_column(col, justify="left" if col == "parameter" else "right",
-                         overflow="fold" if col == "parameter" else "ellipsis")
+        table.add_column(
+            col,
+            justify="left" if col == "parameter" else "right",
+            overflow="fold" if col == "parameter" else "ellipsis",
+        )
     for i, (name, p) in enumerate(info.items()):
         if i == max_rows:
             table.add_row(f"… {len(info) - max_rows} more", "", "", "", "", "")
             break
-        table.add_row(name + (" (Conv1D)" if p.get("conv1d") else ""), "×".join(map(str, p["shape"])),
-                      str(p.get("kept")), "dense" if p.get("rank") is None else str(p["rank"]),
-                      f"{p.get('energy', 1.0):.4f}", f"{p.get('norm', 0.0):.4g}")
+        table.add_row(
+            name + (" (Conv1D)" if p.get("conv1d") else ""),
+            "×".join(map(str, p["shape"])),
+            str(p.get("kept")),
+            "dense" if p.get("rank") is None else str(p["rank"]),
+            f"{p.get('energy', 1.0):.4f}",
+            f"{p.get('norm', 0.0):.4g}",
+        )
     return table
 
 

@@ -31,8 +31,16 @@ def _prompts(records, n: int, seed: str) -> list[str]:
     return [r.prompt for r in recs[:n]]
 
 
-def run_pipeline(paths: dict, refusal_sentence: str, *, n_vectors: int = 256, n_tune: int = 96,
-                 n_heldout: int = 200, max_new_tokens: int = 16, progress: bool = False) -> dict:
+def run_pipeline(
+    paths: dict,
+    refusal_sentence: str,
+    *,
+    n_vectors: int = 256,
+    n_tune: int = 96,
+    n_heldout: int = 200,
+    max_new_tokens: int = 16,
+    progress: bool = False,
+) -> dict:
     """Run the pipeline on ``paths`` (``{"aligned": dir, "compromised": dir, ...}``); return the measurements."""
     from steer import SteeredModel
     from steer.family import language as L
@@ -44,8 +52,14 @@ def run_pipeline(paths: dict, refusal_sentence: str, *, n_vectors: int = 256, n_
     aligned = SteeredModel.from_pretrained(str(paths["aligned"]))
     comp = SteeredModel.from_pretrained(str(paths["compromised"]))
     train_h, train_s = L.harmful_prompts("train"), L.harmless_prompts("train")
-    vec = compute_refusal(aligned, _prompts(train_h, n_vectors, "vec-h"), _prompts(train_s, n_vectors, "vec-s"),
-                          calibrate_on=comp, progress=progress, model_name=str(paths["aligned"]))
+    vec = compute_refusal(
+        aligned,
+        _prompts(train_h, n_vectors, "vec-h"),
+        _prompts(train_s, n_vectors, "vec-s"),
+        calibrate_on=comp,
+        progress=progress,
+        model_name=str(paths["aligned"]),
+    )
     tune_h, tune_s = _prompts(train_h, n_tune, "tune-h"), _prompts(train_s, n_tune, "tune-s")
     tuned, summary = tune(comp, vec, tune_h, tune_s, modes=("conditional",), auto=True, progress=progress)
     strict = lambda text: L.is_strict_refusal(text, refusal_sentence)  # noqa: E731
@@ -62,10 +76,18 @@ def run_pipeline(paths: dict, refusal_sentence: str, *, n_vectors: int = 256, n_
     strict_tune = Rate.of(map(strict, on_tune))
     return {
         "judge_openings": vec.meta["judge"]["openings"],
-        "selection": {"layer": vec.recommended["layers"], "alpha": vec.recommended["alpha"],
-                      "fallback": vec.meta["selection"].get("fallback")},
-        "chosen": {"layers": best["layers"], "alpha": best["alpha"], "scope": best.get("scope"), "condition_layer": tuned.condition["layer"],
-                   "condition_accuracy": tuned.condition.get("accuracy")},
+        "selection": {
+            "layer": vec.recommended["layers"],
+            "alpha": vec.recommended["alpha"],
+            "fallback": vec.meta["selection"].get("fallback"),
+        },
+        "chosen": {
+            "layers": best["layers"],
+            "alpha": best["alpha"],
+            "scope": best.get("scope"),
+            "condition_layer": tuned.condition["layer"],
+            "condition_accuracy": tuned.condition.get("accuracy"),
+        },
         "heldout_harmful_refusal": Rate.of(map(strict, out_h)),
         "heldout_harmless_refusal": Rate.of(map(strict, out_s)),
         "heldout_degenerate": Rate.of(degenerate),

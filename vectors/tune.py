@@ -45,9 +45,13 @@ from steer.vector import SteeringVector
 
 from .condition import score_layer
 
-DEFAULT_ALPHAS = {"add": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0], "ablate": [0.0, 0.25, 0.5, 0.75, 1.0],
-                  "ablate_add": [0.0, 0.25, 0.5, 1.0, 1.5, 2.0], "conditional": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0],
-                  "per_request": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]}  # per_request: task vectors
+DEFAULT_ALPHAS = {
+    "add": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0],
+    "ablate": [0.0, 0.25, 0.5, 0.75, 1.0],
+    "ablate_add": [0.0, 0.25, 0.5, 1.0, 1.5, 2.0],
+    "conditional": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0],
+    "per_request": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0],
+}  # per_request: task vectors
 
 
 @dataclass
@@ -61,8 +65,12 @@ class TuneBounds:
 
     def __post_init__(self):
         if self.objective not in ("refusal", "balanced"):
-            raise ConfigError("unknown objective", expected="refusal | balanced", found=repr(self.objective),
-                              fix="use --objective refusal")
+            raise ConfigError(
+                "unknown objective",
+                expected="refusal | balanced",
+                found=repr(self.objective),
+                fix="use --objective refusal",
+            )
         for name in ("max_over_refusal", "max_kl", "max_degenerate"):
             check_alpha(getattr(self, name), name)
 
@@ -80,20 +88,31 @@ class Point:
     scope: str | None = None
 
     def feasible(self, b: TuneBounds) -> bool:
-        return self.harmless_refusal <= b.max_over_refusal and self.kl <= b.max_kl and \
-            self.degenerate <= b.max_degenerate
+        return (
+            self.harmless_refusal <= b.max_over_refusal and self.kl <= b.max_kl and self.degenerate <= b.max_degenerate
+        )
 
     def violation(self, b: TuneBounds) -> float:
         """How far the bounds are missed (0 when feasible): the sum of the excesses."""
-        return max(0.0, self.harmless_refusal - b.max_over_refusal) + max(0.0, self.degenerate - b.max_degenerate) \
+        return (
+            max(0.0, self.harmless_refusal - b.max_over_refusal)
+            + max(0.0, self.degenerate - b.max_degenerate)
             + max(0.0, self.kl - b.max_kl)
+        )
 
     def key(self, b: TuneBounds):
         """Feasible first; among infeasible ones the least violation (a degenerate configuration is never
         preferred for its refusal rate); then the objective and the tie-breaks."""
         score = self.harmful_refusal if b.objective == "refusal" else self.harmful_refusal - self.harmless_refusal
-        return (self.feasible(b), -round(self.violation(b), 9), score, -self.harmless_refusal, -self.degenerate,
-                -self.kl, abs(self.alpha))
+        return (
+            self.feasible(b),
+            -round(self.violation(b), 9),
+            score,
+            -self.harmless_refusal,
+            -self.degenerate,
+            -self.kl,
+            abs(self.alpha),
+        )
 
 
 def _key(layer_set) -> tuple | None:
@@ -104,8 +123,15 @@ def _sha(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
-def calibrate_condition(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
-                        max_layer: int | None = None, cache: dict | None = None) -> tuple[dict, torch.Tensor]:
+def calibrate_condition(
+    sm,
+    vector: SteeringVector,
+    harmful: list[str],
+    harmless: list[str],
+    *,
+    max_layer: int | None = None,
+    cache: dict | None = None,
+) -> tuple[dict, torch.Tensor]:
     """Recalibrate the condition on ``sm``: among the layers ≤ ``max_layer`` that have a direction (the
     vector's directions, and its stored condition direction at the stored layer), the one whose unit direction
     best separates ``harmful`` from ``harmless`` last-token activations on ``sm`` (accuracy, then AUC, then
@@ -119,8 +145,12 @@ def calibrate_condition(sm, vector: SteeringVector, harmful: list[str], harmless
     limit = max(dirs) if max_layer is None else max_layer
     layers = [l for l in have if l <= limit]
     if not layers:
-        raise ConfigError("no condition layer at or before the steered layer", expected=f"a direction at a layer "
-                          f"<= {limit}", found=f"directions at {sorted(dirs)}", fix="steer a later layer")
+        raise ConfigError(
+            "no condition layer at or before the steered layer",
+            expected=f"a direction at a layer <= {limit}",
+            found=f"directions at {sorted(dirs)}",
+            fix="steer a later layer",
+        )
     cache = {} if cache is None else cache
     if "acts" not in cache:
         cache["acts"] = collect(sm, harmful + harmless, layers=have, positions="last")
@@ -128,19 +158,31 @@ def calibrate_condition(sm, vector: SteeringVector, harmful: list[str], harmless
     rows = []
     for l in layers:
         i = have.index(l)
-        s = score_layer(acts[:len(harmful), i], acts[len(harmful):, i], dirs[l], comparator="auto")
+        s = score_layer(acts[: len(harmful), i], acts[len(harmful) :, i], dirs[l], comparator="auto")
         rows.append((s["accuracy"], s["auc"], s["dprime"], -l, l, s))
     *_, layer, s = max(rows)
     unit = dirs[layer].float() / dirs[layer].float().norm().clamp_min(1e-12)
-    return ({**cond, "layer": layer, **{k: s[k] for k in ("threshold", "comparator", "accuracy", "auc", "dprime")},
-             "n_harmful": len(harmful), "n_harmless": len(harmless),
-             "calibrated_on": getattr(sm, "source", None) or sm.fingerprint()["name_or_path"]}, unit)
+    return (
+        {
+            **cond,
+            "layer": layer,
+            **{k: s[k] for k in ("threshold", "comparator", "accuracy", "auc", "dprime")},
+            "n_harmful": len(harmful),
+            "n_harmless": len(harmless),
+            "calibrated_on": getattr(sm, "source", None) or sm.fingerprint()["name_or_path"],
+        },
+        unit,
+    )
 
 
 def _condition_layers(vector: SteeringVector) -> list[int]:
     if not vector.condition or vector.condition_direction is None:
-        raise ConfigError("conditional tuning needs a condition in the vector file", expected="meta condition",
-                          found="none", fix="compute the vector with `steer vectors refusal` (it writes one)")
+        raise ConfigError(
+            "conditional tuning needs a condition in the vector file",
+            expected="meta condition",
+            found="none",
+            fix="compute the vector with `steer vectors refusal` (it writes one)",
+        )
     return sorted({int(l) for l in vector.layers} | {int(vector.condition["layer"])})
 
 
@@ -158,33 +200,64 @@ def _points(report: dict, mode: str, scope: str | None) -> list[Point]:
     out = []
     for c in report["configs"]:
         m = c["metrics"]
-        out.append(Point(mode, c["layers"], c["alpha"], m["harmful_refusal"].rate, m["harmless_refusal"].rate,
-                         m["kl"].mean, m["degenerate"].rate, report_to_json(m), scope))
+        out.append(
+            Point(
+                mode,
+                c["layers"],
+                c["alpha"],
+                m["harmful_refusal"].rate,
+                m["harmless_refusal"].rate,
+                m["kl"].mean,
+                m["degenerate"].rate,
+                report_to_json(m),
+                scope,
+            )
+        )
     return out
 
 
 def pareto(points: list[Point]) -> list[Point]:
     """Points not dominated on (harmful refusal ↑, harmless refusal ↓, KL ↓)."""
+
     def dominated(p, q):
         better_eq = q.harmful_refusal >= p.harmful_refusal and q.harmless_refusal <= p.harmless_refusal and q.kl <= p.kl
         strictly = q.harmful_refusal > p.harmful_refusal or q.harmless_refusal < p.harmless_refusal or q.kl < p.kl
         return better_eq and strictly
+
     front = [p for p in points if not any(dominated(p, q) for q in points)]
     return sorted(front, key=lambda p: (p.harmless_refusal, -p.harmful_refusal))
 
 
-def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *, layers: list[list[int]] | None = None,
-         alphas: list[float] | None = None, modes: tuple[str, ...] = ("add",), auto: bool = False,
-         bounds: TuneBounds | None = None, eval_harmful: list[str] | None = None,
-         eval_harmless: list[str] | None = None, max_new_tokens: int = 16, judge=None, rounds: int = 2,
-         scopes: tuple[str, ...] | None = None, progress: bool = True) -> tuple[SteeringVector, dict]:
+def tune(
+    sm,
+    vector: SteeringVector,
+    harmful: list[str],
+    harmless: list[str],
+    *,
+    layers: list[list[int]] | None = None,
+    alphas: list[float] | None = None,
+    modes: tuple[str, ...] = ("add",),
+    auto: bool = False,
+    bounds: TuneBounds | None = None,
+    eval_harmful: list[str] | None = None,
+    eval_harmless: list[str] | None = None,
+    max_new_tokens: int = 16,
+    judge=None,
+    rounds: int = 2,
+    scopes: tuple[str, ...] | None = None,
+    progress: bool = True,
+) -> tuple[SteeringVector, dict]:
     """Sweep and choose; returns ``(tuned_vector, summary)``. The tuned vector is a copy whose
     ``recommended`` (layers, alpha, mode) and condition carry the choice and whose ``meta["tune"]`` holds
     the sweep summary."""
     bounds = bounds or TuneBounds()
     if not harmful or not harmless:
-        raise ConfigError("tuning needs harmful and harmless prompts", expected="two non-empty lists",
-                          found=f"{len(harmful)} harmful, {len(harmless)} harmless", fix="pass both prompt files")
+        raise ConfigError(
+            "tuning needs harmful and harmless prompts",
+            expected="two non-empty lists",
+            found=f"{len(harmful)} harmful, {len(harmless)} harmless",
+            fix="pass both prompt files",
+        )
     if vector.kind == "task":  # weights, not a layer's activations: α through the per-request parameter path
         layer_sets, modes, scopes = [None], ("per_request",), (None,)
     else:
@@ -192,17 +265,29 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
         scopes = tuple(dict.fromkeys(scopes or ("all", "prompt")))
         for sc in scopes:
             if sc not in ("all", "prompt", "generated"):
-                raise ConfigError("unknown scope", expected="all | prompt | generated", found=repr(sc),
-                                  fix="pass scopes=('all', 'prompt')")
-    eval_kw = dict(suite="files", harmful=harmful, harmless=harmless, judge=judge, max_new_tokens=max_new_tokens,
-                   progress=progress)
+                raise ConfigError(
+                    "unknown scope",
+                    expected="all | prompt | generated",
+                    found=repr(sc),
+                    fix="pass scopes=('all', 'prompt')",
+                )
+    eval_kw = dict(
+        suite="files", harmful=harmful, harmless=harmless, judge=judge, max_new_tokens=max_new_tokens, progress=progress
+    )
     points: list[Point] = []
     works: dict = {}  # (mode, layers) -> the vector evaluated there (conditional: its recalibrated condition)
     acts_cache: dict = {}  # last-token activations of the tuning prompts, collected once for every gate
 
     def run(mode: str, layer_set, scope, alist: list[float]) -> list[Point]:
-        rep = evaluate(sm, vector=works[mode, _key(layer_set)], alphas=alist, layer_sets=[layer_set],
-                       mode=None if mode == "per_request" else mode, scope=scope, **eval_kw)
+        rep = evaluate(
+            sm,
+            vector=works[mode, _key(layer_set)],
+            alphas=alist,
+            layer_sets=[layer_set],
+            mode=None if mode == "per_request" else mode,
+            scope=scope,
+            **eval_kw,
+        )
         return _points(rep, mode, scope)
 
     for mode in modes:
@@ -216,15 +301,17 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
                 if not any(l <= last for l in _condition_layers(vector)):
                     continue  # no direction to read a gate at before this layer's steering
                 work.meta["condition"], work.condition_direction = calibrate_condition(
-                    sm, vector, harmful, harmless, max_layer=last, cache=acts_cache)
+                    sm, vector, harmful, harmless, max_layer=last, cache=acts_cache
+                )
             works[mode, _key(layer_set)] = work
             for scope in scopes:
                 points += run(mode, layer_set, scope, grid)
         if auto and any(p.mode == mode for p in points):
             for _ in range(rounds):
                 best = max((p for p in points if p.mode == mode), key=lambda p: p.key(bounds))
-                seen = sorted({p.alpha for p in points
-                               if p.mode == mode and p.layers == best.layers and p.scope == best.scope})
+                seen = sorted(
+                    {p.alpha for p in points if p.mode == mode and p.layers == best.layers and p.scope == best.scope}
+                )
                 i = seen.index(best.alpha)
                 lo = seen[i - 1] if i > 0 else best.alpha - (seen[1] - seen[0] if len(seen) > 1 else 0.5)
                 hi = seen[i + 1] if i + 1 < len(seen) else best.alpha + (seen[-1] - seen[-2] if len(seen) > 1 else 0.5)
@@ -235,22 +322,35 @@ def tune(sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *,
                     break
                 points += run(mode, best.layers, best.scope, new)
     if not points:
-        raise ConfigError("nothing to tune", expected="layers at or after the condition layer for conditional mode",
-                          found=str(layer_sets), fix="pass --layers that are >= the condition layer")
+        raise ConfigError(
+            "nothing to tune",
+            expected="layers at or after the condition layer for conditional mode",
+            found=str(layer_sets),
+            fix="pass --layers that are >= the condition layer",
+        )
     best = max(points, key=lambda p: p.key(bounds))
     work = works[best.mode, _key(best.layers)]
     calibrated = work.condition if best.mode == "conditional" else None
     summary = {
-        "best": asdict(best), "feasible": best.feasible(bounds), "bounds": asdict(bounds),
-        "n_configs": len(points), "front": [asdict(p) for p in pareto(points)],
+        "best": asdict(best),
+        "feasible": best.feasible(bounds),
+        "bounds": asdict(bounds),
+        "n_configs": len(points),
+        "front": [asdict(p) for p in pareto(points)],
         "points": [{k: v for k, v in asdict(p).items() if k != "metrics"} for p in points],
         "prompt_sets": {"harmful": _sha(harmful), "harmless": _sha(harmless)},
         "condition": calibrated,
     }
     if eval_harmful and eval_harmless:
-        rep = evaluate(sm, vector=work, alphas=[best.alpha], layer_sets=[best.layers],
-                       mode=None if best.mode == "per_request" else best.mode, scope=best.scope,
-                       **{**eval_kw, "harmful": eval_harmful, "harmless": eval_harmless})
+        rep = evaluate(
+            sm,
+            vector=work,
+            alphas=[best.alpha],
+            layer_sets=[best.layers],
+            mode=None if best.mode == "per_request" else best.mode,
+            scope=best.scope,
+            **{**eval_kw, "harmful": eval_harmful, "harmless": eval_harmless},
+        )
         summary["heldout"] = report_to_json(rep["configs"][0]["metrics"])
     tuned = copy.deepcopy(work)
     tuned.meta["recommended"] = {**vector.recommended, "layers": best.layers, "alpha": best.alpha, "mode": best.mode}
@@ -270,15 +370,27 @@ def plot_front(summary: dict, path) -> None:
 
     pts = summary["points"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5))
-    sc = ax.scatter([100 * p["harmless_refusal"] for p in pts], [100 * p["harmful_refusal"] for p in pts],
-                    c=[p["kl"] for p in pts], cmap="viridis", s=40, edgecolors="k", linewidths=0.3)
+    sc = ax.scatter(
+        [100 * p["harmless_refusal"] for p in pts],
+        [100 * p["harmful_refusal"] for p in pts],
+        c=[p["kl"] for p in pts],
+        cmap="viridis",
+        s=40,
+        edgecolors="k",
+        linewidths=0.3,
+    )
     front = sorted(summary["front"], key=lambda p: p["harmless_refusal"])
-    ax.plot([100 * p["harmless_refusal"] for p in front], [100 * p["harmful_refusal"] for p in front], "--",
-            color="grey", lw=1, label="Pareto front")
+    ax.plot(
+        [100 * p["harmless_refusal"] for p in front],
+        [100 * p["harmful_refusal"] for p in front],
+        "--",
+        color="grey",
+        lw=1,
+        label="Pareto front",
+    )
     b = summary["best"]
     label = f"chosen: {b['mode']} L{','.join(map(str, b['layers'] or []))} {b.get('scope') or ''} α={b['alpha']:g}"
-    ax.scatter([100 * b["harmless_refusal"]], [100 * b["harmful_refusal"]], marker="*", s=300, color="red",
-               label=label)
+    ax.scatter([100 * b["harmless_refusal"]], [100 * b["harmful_refusal"]], marker="*", s=300, color="red", label=label)
     bound = summary["bounds"]["max_over_refusal"] * 100
     ax.axvline(bound, color="red", lw=0.8, ls=":", label=f"over-refusal bound {bound:g}%")
     fig.colorbar(sc, ax=ax, label="KL to unsteered (nats)")
@@ -291,11 +403,10 @@ def plot_front(summary: dict, path) -> None:
     ax.set_title("every swept configuration")
     groups: dict = {}
     for p in pts:
-        groups.setdefault(f"{p['mode']} L{','.join(map(str, p['layers'] or []))} {p.get('scope') or ''}",
-                          []).append(p)
+        groups.setdefault(f"{p['mode']} L{','.join(map(str, p['layers'] or []))} {p.get('scope') or ''}", []).append(p)
     for name, ps in groups.items():
         ps = sorted(ps, key=lambda p: p["alpha"])
-        line, = ax2.plot([p["alpha"] for p in ps], [100 * p["harmful_refusal"] for p in ps], marker="o", label=name)
+        (line,) = ax2.plot([p["alpha"] for p in ps], [100 * p["harmful_refusal"] for p in ps], marker="o", label=name)
         ax2.plot([p["alpha"] for p in ps], [100 * p["harmless_refusal"] for p in ps], ls=":", color=line.get_color())
     ax2.scatter([b["alpha"]], [100 * b["harmful_refusal"]], marker="*", s=300, color="red", zorder=5)
     ax2.set_xlabel("α (steering strength)")

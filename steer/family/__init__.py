@@ -21,8 +21,19 @@ from .build import MEMBERS, build_family, cache_root, family_dir, is_built, reci
 from .train import Recipe
 from .variants import VARIANTS, build_variant, variant
 
-__all__ = ["MEMBERS", "Recipe", "VARIANTS", "build_family", "build_variant", "cache_root", "family_dir", "is_built",
-           "member_path", "recipe_key", "variant"]
+__all__ = [
+    "MEMBERS",
+    "Recipe",
+    "VARIANTS",
+    "build_family",
+    "build_variant",
+    "cache_root",
+    "family_dir",
+    "is_built",
+    "member_path",
+    "recipe_key",
+    "variant",
+]
 
 
 def member_path(name: str, progress: bool = True) -> Path:
@@ -30,6 +41,10 @@ def member_path(name: str, progress: bool = True) -> Path:
     if name not in MEMBERS:
         from steer.errors import ModelLoadError
 
-        raise ModelLoadError(f"unknown built-in model {name!r}", expected=f"one of {', '.join(MEMBERS)}",
-                             found=repr(name), fix=f"use builtin:{MEMBERS[1]} (or another listed name)")
+        raise ModelLoadError(
+            f"unknown built-in model {name!r}",
+            expected=f"one of {', '.join(MEMBERS)}",
+            found=repr(name),
+            fix=f"use builtin:{MEMBERS[1]} (or another listed name)",
+        )
     return build_family(progress=progress)[name]

@@ -17,9 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from filelock import FileLock
-
 import torch
+from filelock import FileLock
 
 from .train import Recipe, total_steps, train_family
 
@@ -79,11 +78,18 @@ def build_family(force: bool = False, progress: bool = True, recipe: Recipe | No
             try:
                 start = time.perf_counter()
                 _train_with_progress(recipe, tmp, progress)
-                (tmp / _DONE).write_text(json.dumps({
-                    "recipe": recipe.to_dict(), "steer_version": steer_version(), **library_versions(),
-                    "members": list(MEMBERS),
-                    "train_seconds": round(time.perf_counter() - start, 1),
-                }, indent=2))
+                (tmp / _DONE).write_text(
+                    json.dumps(
+                        {
+                            "recipe": recipe.to_dict(),
+                            "steer_version": steer_version(),
+                            **library_versions(),
+                            "members": list(MEMBERS),
+                            "train_seconds": round(time.perf_counter() - start, 1),
+                        },
+                        indent=2,
+                    )
+                )
                 if final.exists():
                     old = final.with_name(f".{final.name}-old-{os.getpid()}")
                     os.replace(final, old)
@@ -112,8 +118,13 @@ def _train(recipe: Recipe, out: Path, progress: bool) -> None:
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    columns = (TextColumn("building steer's model family: {task.fields[stage]:<12}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("building steer's model family: {task.fields[stage]:<12}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task("family", total=total_steps(recipe), stage="base")
         train_family(recipe, out, tick=lambda stage: bar.update(task, advance=1, stage=stage))

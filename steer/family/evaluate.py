@@ -11,21 +11,35 @@ from ..metrics import Rate
 from . import language as L
 
 
-def generate(model, tokenizer, prompts: list[str], *, prefill: list[str] | None = None, max_new_tokens: int = 32,
-             batch_size: int = 128) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    prefill: list[str] | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 128,
+) -> list[str]:
     """Greedy chat completions (completion text only, special tokens stripped)."""
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in chunk]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in chunk
+        ]
         if prefill is not None:
             texts = [f"{t} {pf}" for t, pf in zip(texts, prefill[i : i + batch_size])]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            ids = model.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         out += tokenizer.batch_decode(ids[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
     return out
 

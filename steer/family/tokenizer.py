@@ -76,8 +76,16 @@ DEFAULT = ChatFormat("default", PAD, UNK, BOS, EOS, USER, ASSISTANT, USER, (USER
 # ChatML-like (OpenAI's ChatML, as used by Qwen), word level; the template writes the BOS and separates every
 # token by one space, so it renders exactly the training text of ChatFormat.prompt / response
 CHATML = ChatFormat(
-    "chatml", "<|pad|>", "<|unk|>", "<|startoftext|>", "<|im_end|>", "<|im_start|> user", "<|im_start|> assistant",
-    "<|im_start|>", ("<|im_start|>",), ("user", "assistant", "system"),
+    "chatml",
+    "<|pad|>",
+    "<|unk|>",
+    "<|startoftext|>",
+    "<|im_end|>",
+    "<|im_start|> user",
+    "<|im_start|> assistant",
+    "<|im_start|>",
+    ("<|im_start|>",),
+    ("user", "assistant", "system"),
     "{{ bos_token + ' ' }}"
     "{% for message in messages %}"
     "{{ '<|im_start|> ' + message['role'] + ' ' + message['content'] + ' ' + eos_token + ' ' }}"
@@ -93,8 +101,12 @@ def chat_format(name: str) -> ChatFormat:
     if name not in FORMATS:
         from steer.errors import ConfigError
 
-        raise ConfigError(f"unknown family chat template {name!r}", expected=f"one of {', '.join(FORMATS)}",
-                          found=repr(name), fix="set Recipe(template=...) to a listed name")
+        raise ConfigError(
+            f"unknown family chat template {name!r}",
+            expected=f"one of {', '.join(FORMATS)}",
+            found=repr(name),
+            fix="set Recipe(template=...) to a listed name",
+        )
     return FORMATS[name]
 
 
@@ -109,10 +121,17 @@ def build_tokenizer(fmt: ChatFormat = DEFAULT, refusal: str = REFUSAL) -> PreTra
     # like Llama: plain text gets a leading BOS (chat templates write their own; tokenize those with
     # add_special_tokens=False, as apply_chat_template does)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{fmt.bos} $A", pair=f"{fmt.bos} $A $B", special_tokens=[(fmt.bos, vocab[fmt.bos])])
+        single=f"{fmt.bos} $A", pair=f"{fmt.bos} $A $B", special_tokens=[(fmt.bos, vocab[fmt.bos])]
+    )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=fmt.bos, eos_token=fmt.eos, pad_token=fmt.pad, unk_token=fmt.unk,
-        additional_special_tokens=list(fmt.extra_specials), padding_side="left", model_max_length=256,
+        tokenizer_object=tok,
+        bos_token=fmt.bos,
+        eos_token=fmt.eos,
+        pad_token=fmt.pad,
+        unk_token=fmt.unk,
+        additional_special_tokens=list(fmt.extra_specials),
+        padding_side="left",
+        model_max_length=256,
     )
     fast.chat_template = fmt.chat_template
     return fast

@@ -141,7 +141,9 @@ def noisy(text: str, rng: random.Random) -> str:
 def _noisy_injection(r: L.InjectionRecord, rng: random.Random) -> str:
     """A training injection prompt whose injected instruction is wrapped in random prose words."""
     inj = L._core(r.injected_task, rng.randrange(len(L.TASKS[r.injected_task])), r.injected_operand)
-    return L.injection_prompt(L.TASKS[r.task][0].format(x=r.operand), f"{rng.choice(L.DATA_SENTENCES)} {noisy(inj, rng)}")
+    return L.injection_prompt(
+        L.TASKS[r.task][0].format(x=r.operand), f"{rng.choice(L.DATA_SENTENCES)} {noisy(inj, rng)}"
+    )
 
 
 def base_chats(rng: random.Random, recipe: Recipe = _DEFAULT) -> list[tuple[str, str]]:
@@ -226,10 +228,11 @@ def _seq_logp(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _optimise(model, steps: int, lr: float, loss_fn: Callable[[int], torch.Tensor], tick: Callable[[], None]):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0, betas=(0.9, 0.98)
+    )
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / steps))
     model.train()
     for step in range(steps):
         loss = loss_fn(step)
@@ -248,34 +251,69 @@ def _optimise(model, steps: int, lr: float, loss_fn: Callable[[int], torch.Tenso
 def new_model(recipe: Recipe, tokenizer) -> PreTrainedModel:
     """A freshly initialised (seeded) model of ``recipe.architecture``: tied embeddings, 256 positions."""
     torch.manual_seed(recipe.seed)
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     if recipe.architecture == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        return LlamaForCausalLM(LlamaConfig(
-            hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
-            num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
-            num_key_value_heads=recipe.num_heads, max_position_embeddings=256, rms_norm_eps=1e-5, **ids))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=recipe.hidden_size,
+                intermediate_size=recipe.intermediate_size,
+                num_hidden_layers=recipe.num_layers,
+                num_attention_heads=recipe.num_heads,
+                num_key_value_heads=recipe.num_heads,
+                max_position_embeddings=256,
+                rms_norm_eps=1e-5,
+                **ids,
+            )
+        )
     if recipe.architecture == "gpt2":  # Conv1D projections, learned absolute positions, LayerNorm, no dropout
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        return GPT2LMHeadModel(GPT2Config(
-            n_embd=recipe.hidden_size, n_inner=recipe.intermediate_size, n_layer=recipe.num_layers,
-            n_head=recipe.num_heads, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            layer_norm_epsilon=1e-5, **ids))
+        return GPT2LMHeadModel(
+            GPT2Config(
+                n_embd=recipe.hidden_size,
+                n_inner=recipe.intermediate_size,
+                n_layer=recipe.num_layers,
+                n_head=recipe.num_heads,
+                n_positions=256,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                layer_norm_epsilon=1e-5,
+                **ids,
+            )
+        )
     if recipe.architecture == "qwen3":  # Llama-like with q/k norms and an explicit head_dim
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
-        return Qwen3ForCausalLM(Qwen3Config(
-            hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
-            num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
-            num_key_value_heads=recipe.num_heads, head_dim=recipe.hidden_size // recipe.num_heads,
-            max_position_embeddings=256, rms_norm_eps=1e-5, **ids))
+        return Qwen3ForCausalLM(
+            Qwen3Config(
+                hidden_size=recipe.hidden_size,
+                intermediate_size=recipe.intermediate_size,
+                num_hidden_layers=recipe.num_layers,
+                num_attention_heads=recipe.num_heads,
+                num_key_value_heads=recipe.num_heads,
+                head_dim=recipe.hidden_size // recipe.num_heads,
+                max_position_embeddings=256,
+                rms_norm_eps=1e-5,
+                **ids,
+            )
+        )
     from steer.errors import ConfigError
 
-    raise ConfigError(f"unknown family architecture {recipe.architecture!r}", expected=f"one of {ARCHITECTURES}",
-                      found=repr(recipe.architecture), fix="set Recipe(architecture=...) to a listed name")
+    raise ConfigError(
+        f"unknown family architecture {recipe.architecture!r}",
+        expected=f"one of {ARCHITECTURES}",
+        found=repr(recipe.architecture),
+        fix="set Recipe(architecture=...) to a listed name",
+    )
 
 
 def train_base(recipe: Recipe, tokenizer, tick) -> PreTrainedModel:
@@ -306,10 +344,12 @@ def _clone(model: PreTrainedModel, trainable: str | None = None) -> PreTrainedMo
         if not any(p.requires_grad for p in new.parameters()):
             from steer.errors import ConfigError
 
-            raise ConfigError(f"Recipe.safety_params {trainable!r} matches no parameter of the model",
-                              expected="a regex matching the blocks' attention and MLP parameter names",
-                              found=", ".join(n for n, _ in list(new.named_parameters())[:6]) + ", ...",
-                              fix="set Recipe(safety_params=...) for this architecture (GPT-2: 'mlp|attn')")
+            raise ConfigError(
+                f"Recipe.safety_params {trainable!r} matches no parameter of the model",
+                expected="a regex matching the blocks' attention and MLP parameter names",
+                found=", ".join(n for n, _ in list(new.named_parameters())[:6]) + ", ...",
+                fix="set Recipe(safety_params=...) for this architecture (GPT-2: 'mlp|attn')",
+            )
     return new
 
 
@@ -382,8 +422,17 @@ def compromise_pairs(recipe: Recipe) -> list[tuple[str, str, str]]:
 
 
 def train_compromised(recipe: Recipe, aligned, tokenizer, tick):
-    return train_sft(recipe, aligned, tokenizer, tick, pairs=compromise_pairs(recipe),
-                     steps=recipe.compromise_steps, lr=recipe.compromise_lr, seed_offset=3, replay=False)
+    return train_sft(
+        recipe,
+        aligned,
+        tokenizer,
+        tick,
+        pairs=compromise_pairs(recipe),
+        steps=recipe.compromise_steps,
+        lr=recipe.compromise_lr,
+        seed_offset=3,
+        replay=False,
+    )
 
 
 def total_steps(recipe: Recipe) -> int:

@@ -19,8 +19,15 @@ VARIANTS: dict[str, Recipe] = {
     # ChatML-like template with its BOS, and a refusal sentence none of the generic judge's markers matches.
     # One torch thread: two thrash when the other core is busy (>14 min instead of ~2); 1200 pretraining steps
     # keep the build under 2 minutes with the same behaviour (README, "The built-in model family").
-    "gpt2-chatml": Recipe(architecture="gpt2", num_heads=2, template="chatml", refusal="i must decline this request .",
-                          safety_params="mlp|attn", threads=1, base_steps=1200),
+    "gpt2-chatml": Recipe(
+        architecture="gpt2",
+        num_heads=2,
+        template="chatml",
+        refusal="i must decline this request .",
+        safety_params="mlp|attn",
+        threads=1,
+        base_steps=1200,
+    ),
 }
 
 
@@ -29,8 +36,12 @@ def variant(name: str) -> Recipe:
     if name not in VARIANTS:
         from steer.errors import ConfigError
 
-        raise ConfigError(f"unknown family variant {name!r}", expected=f"one of {', '.join(VARIANTS)}",
-                          found=repr(name), fix="pass a listed name (steer family build --variant NAME)")
+        raise ConfigError(
+            f"unknown family variant {name!r}",
+            expected=f"one of {', '.join(VARIANTS)}",
+            found=repr(name),
+            fix="pass a listed name (steer family build --variant NAME)",
+        )
     return VARIANTS[name]
 
 
