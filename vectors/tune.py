@@ -38,9 +38,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from steer.activations import collect
-from steer.config import check_alpha
+from steer.config import SCOPES, check_alpha
 from steer.errors import ConfigError
 from steer.evaluate import evaluate, report_to_json
+from steer.judge import make_judge
 from steer.vector import SteeringVector
 
 from .condition import score_layer
@@ -264,13 +265,15 @@ def tune(
         layer_sets = layers or default_layers(sm, vector)
         scopes = tuple(dict.fromkeys(scopes or ("all", "prompt")))
         for sc in scopes:
-            if sc not in ("all", "prompt", "generated"):
+            if sc not in SCOPES:
                 raise ConfigError(
                     "unknown scope",
-                    expected="all | prompt | generated",
+                    expected=" | ".join(SCOPES),
                     found=repr(sc),
                     fix="pass scopes=('all', 'prompt')",
                 )
+    # one judge for every evaluation of the sweep: its fluency bound is calibrated on sm once, not per call
+    judge = make_judge(judge, vector=vector, reference=sm)
     eval_kw = dict(
         suite="files", harmful=harmful, harmless=harmless, judge=judge, max_new_tokens=max_new_tokens, progress=progress
     )

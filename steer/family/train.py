@@ -258,21 +258,20 @@ def new_model(recipe: Recipe, tokenizer) -> PreTrainedModel:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
+    llama_like = dict(  # Llama and Qwen3 name their sizes alike
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_heads,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        **ids,
+    )
     if recipe.architecture == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        return LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=recipe.hidden_size,
-                intermediate_size=recipe.intermediate_size,
-                num_hidden_layers=recipe.num_layers,
-                num_attention_heads=recipe.num_heads,
-                num_key_value_heads=recipe.num_heads,
-                max_position_embeddings=256,
-                rms_norm_eps=1e-5,
-                **ids,
-            )
-        )
+        return LlamaForCausalLM(LlamaConfig(**llama_like))
     if recipe.architecture == "gpt2":  # Conv1D projections, learned absolute positions, LayerNorm, no dropout
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -293,19 +292,7 @@ def new_model(recipe: Recipe, tokenizer) -> PreTrainedModel:
     if recipe.architecture == "qwen3":  # Llama-like with q/k norms and an explicit head_dim
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
-        return Qwen3ForCausalLM(
-            Qwen3Config(
-                hidden_size=recipe.hidden_size,
-                intermediate_size=recipe.intermediate_size,
-                num_hidden_layers=recipe.num_layers,
-                num_attention_heads=recipe.num_heads,
-                num_key_value_heads=recipe.num_heads,
-                head_dim=recipe.hidden_size // recipe.num_heads,
-                max_position_embeddings=256,
-                rms_norm_eps=1e-5,
-                **ids,
-            )
-        )
+        return Qwen3ForCausalLM(Qwen3Config(head_dim=recipe.hidden_size // recipe.num_heads, **llama_like))
     from steer.errors import ConfigError
 
     raise ConfigError(
