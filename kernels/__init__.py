@@ -11,8 +11,13 @@ Three implementations behind :func:`steer_`, chosen once at import (override wit
 
 The default is ``"triton"`` when CUDA is available and triton is installed, else ``"cpu"``.
 Read the current choice as ``steer.kernels.IMPL`` (``from steer.kernels import IMPL`` copies
-the name at that moment and does not follow :func:`use`). Steering hooks read it when they are
-attached (:func:`plan_for`): call :func:`use` before attaching.
+the name at that moment and does not follow :func:`use`).
+
+**The entry point for hooks is** :func:`plan_for`: it makes the implementation choice once, when steering
+is attached (call :func:`use` before attaching), and returns a plan with ``update(coef)`` (after every change
+of the coefficients) and ``steer_(h, mask, decode, eager)`` (per call). :func:`steer_` is the functional
+form, dispatching per call (for tests and benchmarks). :mod:`.angular` holds a second op (a rotation) with
+the same reference / fused / plan structure.
 This module is cheap to import and has no side effects: it imports only torch, and triton
 only on the first CUDA call.
 """
@@ -28,7 +33,7 @@ import torch
 from .cpu import Plan, cpu_steer_
 from .reference import reference_steer_
 
-__all__ = ["IMPL", "IMPLS", "Plan", "plan_for", "reference_steer_", "steer_", "use", "using"]
+__all__ = ["IMPL", "IMPLS", "CallPlan", "Plan", "plan_for", "reference_steer_", "steer_", "use", "using"]
 
 IMPLS = ("reference", "cpu", "triton")
 IMPL: str = "cpu"
@@ -92,11 +97,35 @@ def steer_(
     return _host(h, vecs, coef, n_ablate, mask, plan)
 
 
-def plan_for(vecs: torch.Tensor, n_ablate: int) -> Plan | None:
-    """A :class:`Plan` for these vectors when the active implementation on their device is the CPU path (its
-    ATen calls run on any device: ``use("cpu")`` on CUDA too), else None (the reference, and Triton on CUDA,
-    take ``coef`` as it is). Read once, when steering is attached."""
-    return Plan(vecs, n_ablate) if (_cuda if vecs.is_cuda else _host) is cpu_steer_ else None
+class CallPlan:
+    """The plan of an implementation that takes ``coef`` as it is (the reference; Triton on CUDA)."""
+
+    __slots__ = ("fn", "vecs", "n_ablate", "coef")
+
+    def __init__(self, fn, vecs: torch.Tensor, n_ablate: int):
+        self.fn, self.vecs, self.n_ablate, self.coef = fn, vecs, n_ablate, None
+
+    def update(self, coef: torch.Tensor) -> CallPlan:
+        self.coef = coef
+        return self
+
+    def steer_(self, h: torch.Tensor, mask: torch.Tensor | None = None, decode: bool = False, eager=None):
+        return self.fn(h, self.vecs, self.coef, self.n_ablate, mask)
+
+
+def plan_for(vecs: torch.Tensor, n_ablate: int) -> Plan | CallPlan:
+    """The one entry point for hooks: a plan of these vectors for the implementation active on their device,
+    chosen here, once (the CPU path's :class:`Plan`, whose ATen calls run on any device; else a
+    :class:`CallPlan` of the reference or of the Triton kernel). ``plan.update(coef)`` after every change of
+    the coefficients, ``plan.steer_(h, mask, decode, eager)`` per call."""
+    impl = _cuda if vecs.is_cuda else _host
+    if impl is cpu_steer_:
+        return Plan(vecs, n_ablate)
+    if impl is _triton_cuda:  # resolve the Triton kernel now, not on the first call
+        from .triton_steer import triton_steer_
+
+        impl = triton_steer_
+    return CallPlan(impl, vecs, n_ablate)
 
 
 def _default() -> str:

@@ -1,10 +1,10 @@
 """Fused CPU path for the steering op (same maths as :mod:`.reference`, fewer passes over h).
 
-At decode sizes the op costs almost nothing in arithmetic; what it costs is ATen dispatch, about 4 us per
-call when it runs right after a decoder layer (measured in context: the layer's weight traffic leaves code and
-data cold, so a call that takes 1-2 us in a tight loop takes 3-12 us there; ``benchmarks/hook_overhead.py``).
-So this path is as few ATen calls as the maths allows, and everything that depends only on the vectors and
-the per-row coefficients is computed when they change, in a :class:`Plan`:
+At decode sizes the op costs almost nothing in arithmetic; what it costs is ATen dispatch, which is dearer right
+after a decoder layer than in a tight loop (the layer's weight traffic leaves code and data cold; figures in
+docs/performance.md, from ``benchmarks/hook_overhead.py``). So this path is as few ATen calls as the maths allows,
+and everything that depends only on the vectors and the per-row coefficients is computed when they change, in a
+:class:`Plan`:
 
 * add only: ``bias`` [B|1, 1, d] = ``sum_k alpha_k v_k`` per row, so a step is one ``h.add_(bias)``, which rounds
   exactly like the reference (``h + alpha*v`` for one vector);
@@ -14,15 +14,14 @@ the per-row coefficients is computed when they change, in a :class:`Plan`:
   row shares it, else one ``mul_`` by the per-row beta) and one fused ``x.addmm_(C, vecs)`` that applies
   ``x - beta*P*r + alpha*v`` for all directions at once: 2 ATen calls (3 with per-row beta) plus a view;
   or, when the optional native op is built (:mod:`.native`), one C++ call doing the same from ``R``, the
-  per-row ``beta`` and ``bias`` (in a real decode 8.8 instead of 19.6 µs per steered layer and step;
-  ``benchmarks/hook_overhead.py``);
+  per-row ``beta`` and ``bias``;
 * ablation over several tokens per row (a prompt): ``P = mm(x, -beta R^T)``, ``x.addmm_(P, R)``, ``h.add_(bias)``.
 
 Everything else (no plan, fp16/bf16 or non-contiguous h, a token mask, h that needs autograd) takes the general
-path: ``C = [P | -1] * coef`` (masked tokens -> 0) and one ``x.addmm_(C, vecs, alpha=-1)``, via one fp32 copy
-for half dtypes. Rows whose coefficients are all zero, and masked-out tokens, get ``x + 0``, which is ``x``.
-``torch.compile`` of the same maths measured ~2x slower per call on CPU (guard and wrapper overhead), so it is
-not used. Also correct (not fastest) on CUDA tensors.
+path: ``C = [P | -1] * coef`` (masked tokens -> 0) and one ``x.addmm_(C, vecs, alpha=-1)``, via one fp32 copy for
+half dtypes. Rows whose coefficients are all zero, and masked-out tokens, get ``x + 0``, which is ``x``.
+``torch.compile`` of the same maths is slower per call on CPU (guard and wrapper overhead), so it is not used. Also
+correct (not fastest) on CUDA tensors.
 """
 
 from __future__ import annotations
@@ -35,14 +34,15 @@ class Plan:
     """Operands the CPU path derives from ``(vecs, n_ablate)`` once and from ``coef`` on every change.
 
     ``plan = Plan(vecs, n_ablate).update(coef)``; call :meth:`update` again after every change of ``coef``
-    (it writes in place when the shape is unchanged, so hooks and compiled graphs keep the same tensors) and
-    pass it as ``steer_(..., plan=plan)`` with the same ``vecs``, ``coef`` and ``n_ablate``, or call its two
-    hot paths directly: ``h.add_(plan.bias)`` (add only, no mask) and :meth:`apply_` (fp32, no mask).
-    Not for concurrent use from several threads (the coefficient buffer is written per call).
+    (it writes in place when the shape is unchanged, so hooks and compiled graphs keep the same tensors), then
+    :meth:`steer_` applies the op: the one entry point a hook calls, which picks the cheapest path for the
+    call (add-only bias, native or ATen decode step, ATen prompt step, general path). Not for concurrent use
+    from several threads (the coefficient buffer is written per call).
     """
 
     __slots__ = (
         "n_ablate",
+        "coef",
         "vecs",
         "neg_rt",
         "proj",
@@ -60,6 +60,7 @@ class Plan:
     @torch.inference_mode(False)  # its buffers are written in place later, possibly outside inference mode
     def __init__(self, vecs: torch.Tensor, n_ablate: int):
         self.n_ablate = n_ablate
+        self.coef: torch.Tensor | None = None  # the caller's [rows, J+K] coefficients (general path)
         self.vecs = vecs  # [J+K, d]
         self.R = vecs[:n_ablate]  # [J, d]
         self.neg_rt = (-vecs[:n_ablate]).t().contiguous()  # [d, J] = -R^T
@@ -79,6 +80,7 @@ class Plan:
     def update(self, coef: torch.Tensor) -> Plan:
         J = self.n_ablate
         coef = coef.float()
+        self.coef = coef
         self.rows = coef.shape[0]
         if self.vecs.shape[0] > J:
             self.bias = _into(self.bias, torch.mm(coef[:, J:], self.vecs[J:]).unsqueeze(1))
@@ -94,18 +96,32 @@ class Plan:
             self.C, self.C_proj = C, C[:, :J]
         return self
 
-    def apply_(self, h: torch.Tensor, one_token: bool, eager: bool | None = None, try_native: bool = True) -> bool:
+    def steer_(
+        self, h: torch.Tensor, mask: torch.Tensor | None = None, decode: bool = False, eager: bool | None = None
+    ) -> torch.Tensor:
+        """The op on ``h`` [rows, T, d] in place with the coefficients of the last :meth:`update`; returns ``h``.
+
+        ``decode``: the caller knows T == 1 (a decode step), which lets the hot path skip reading h's shape;
+        ``eager``: not traced by ``torch.compile`` (None: ask torch). Any dtype, strides, mask or autograd.
+        """
+        if mask is None and not (h.requires_grad and torch.is_grad_enabled()):
+            if self.n_ablate == 0:  # + sum_k alpha_k v_k, any T and dtype: one add_
+                return h if self.bias is None else h.add_(self.bias)
+            if h.dtype is torch.float32 and self.apply_(h, decode, eager):
+                return h
+        return cpu_steer_(h, self.vecs, self.coef, self.n_ablate, mask)
+
+    def apply_(self, h: torch.Tensor, one_token: bool, eager: bool | None = None) -> bool:
         """Ablation (+ addition) in place on fp32 ``h`` [rows, T, d], no token mask; ``one_token``: T == 1.
 
         The caller says whether this is a one-token (decode) step, and may say whether it runs eagerly (not
-        traced by ``torch.compile``; None: ask torch) and whether to try the native op (False: the caller
-        just did); that lets the hot path skip reading h's shape. Returns False, changing nothing, when ``h``
-        has another number of rows or strides that cannot be flattened; the general path then runs.
+        traced by ``torch.compile``; None: ask torch). Returns False, changing nothing, when ``h`` has another
+        number of rows or strides that cannot be flattened; the general path then runs.
         """
         if one_token:
             if eager is None:
                 eager = not torch.compiler.is_compiling()
-            if eager and try_native and self.native is not None and self.native(h, self.R, self.beta, self.bias):
+            if eager and self.native is not None and self.native(h, self.R, self.beta, self.bias):
                 return True  # one native call (False: not applicable)
             try:
                 x = h.view(self.rows, self.d)  # raises unless h is [rows, 1, d] and flattens

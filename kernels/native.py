@@ -1,11 +1,11 @@
 """Optional native decode step for the CPU path: one C++ call per steered layer instead of three ATen calls.
 
-Why: in a real decode every ATen call costs ~4 µs, not its ~1 µs in a tight loop (each decoder layer's
-weight traffic evicts the code and data the call needs; ``benchmarks/hook_overhead.py``). Ablation + addition
-through ATen is three calls (view, GEMM into a buffer, fused ``addmm_``); :file:`native.cpp` does the same
-maths (``h - sum_j beta_j (h.r_j) r_j + sum_k alpha_k v_k``, projections of the original h, fp32) in one call
-from the :class:`~.cpu.Plan`'s per-row operands. Prompts, masks, half dtypes, autograd and add-only steering
-(already one ``add_``) keep the ATen path.
+Why: in a real decode every ATen call costs several times what it costs in a tight loop (each decoder layer's weight
+traffic evicts the code and data the call needs; docs/performance.md, ``benchmarks/hook_overhead.py``). Ablation +
+addition through ATen is three calls (view, GEMM into a buffer, fused ``addmm_``); :file:`native.cpp` does the same
+maths (``h - sum_j beta_j (h.r_j) r_j + sum_k alpha_k v_k``, projections of the original h, fp32) in one call from
+the :class:`~.cpu.Plan`'s per-row operands. Prompts, masks, half dtypes, autograd and add-only steering (already one
+``add_``) keep the ATen path.
 
 Built explicitly, never on import::
 
@@ -14,8 +14,7 @@ Built explicitly, never on import::
 It compiles with :mod:`torch.utils.cpp_extension` into ``$STEER_CACHE_DIR`` (else the user cache dir)
 ``/native/<key>``, the key hashing the source, torch's and Python's versions and the machine. A
 :class:`~.cpu.Plan` made later (steering attaches) uses it when that build exists; set ``STEER_NATIVE=0`` to
-turn it off. Without a build the ATen path runs: same maths, 19.6 instead of 8.8 µs per steered layer and
-decode step in a real decode (``benchmarks/hook_overhead.py``).
+turn it off. Without a build the ATen path runs: same maths, more calls.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import torch
 
 from .errors import ConfigError
 from .layers import check_layers
+from .progress import progress_bar
 
 _SENTINEL = "\u2063steer-sentinel\u2063"
 
@@ -98,29 +99,17 @@ def collect(
             else:
                 handles.append(block.register_forward_pre_hook(make_hook(i), with_kwargs=True))
         chunks = []
-        bar = _bar(progress, len(texts))
-        for start in range(0, len(texts), batch_size):
-            enc = sm.encode(texts[start : start + batch_size], chat_applied, position_ids=True)
-            state["mask"] = enc["attention_mask"]
-            sm.model(**enc, use_cache=False)
-            chunks.append(torch.stack([captured[i] for i in layers], dim=1))
-            captured.clear()
-            if bar is not None:
-                bar[0].update(bar[1], advance=len(enc["input_ids"]))
-        if bar is not None:
-            bar[0].stop()
+        label = progress if isinstance(progress, str) else "activations"
+        with progress_bar(progress, len(texts), label) as advance:
+            for start in range(0, len(texts), batch_size):
+                enc = sm.encode(texts[start : start + batch_size], chat_applied, position_ids=True)
+                state["mask"] = enc["attention_mask"]
+                sm.model(**enc, use_cache=False)
+                chunks.append(torch.stack([captured[i] for i in layers], dim=1))
+                captured.clear()
+                if advance is not None:
+                    advance(len(enc["input_ids"]))
     finally:
         for h in handles:
             h.remove()
     return torch.cat(chunks, dim=0)
-
-
-def _bar(progress, total):
-    if not progress:
-        return None
-    from rich.progress import Progress
-
-    p = Progress(transient=True)
-    task = p.add_task(progress if isinstance(progress, str) else "activations", total=total)
-    p.start()
-    return p, task

@@ -305,12 +305,12 @@ def tune(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Sweep α × layer (× mode) with per-request α and write the best config into a copy of the vector."""
-    from steer.config import MODES, parse_alphas
+    from steer.config import known_modes, parse_alphas
     from steer.prompts import load_prompts
 
     for m in mode:
-        if m not in MODES:
-            _fail("unknown mode", " | ".join(MODES), repr(m), "pass --mode add (repeatable)")
+        if m not in known_modes():
+            _fail("unknown mode", " | ".join(known_modes()), repr(m), "pass --mode add (repeatable)")
     if (eval_harmful is None) != (eval_harmless is None):
         _fail("--eval-harmful and --eval-harmless go together", "both files", "only one", "pass both or neither")
     hp, sp = load_prompts(harmful), load_prompts(harmless)
@@ -525,8 +525,6 @@ def vectors_refusal(
         model_name=model,
         add_scope=add_scope,
     )
-    if target is not None:
-        vec.meta["condition"]["calibrated_on"] = calibrate_on
     vec.save(out)
     console = Console()
     console.print(selection_table(vec))

@@ -1,11 +1,10 @@
 """Steering configuration: which layers, which op, how strong, where, on which tokens, under what condition.
 
-Ops on the residual stream ``h`` of a decoder block (see :mod:`steer.layers` for the layer convention):
+Modes: an op on the residual stream ``h`` of a decoder block (:mod:`steer.ops`, the registry: ``add``,
+``ablate``, ``ablate_add``, ``ace``, ``angular`` and any registered later; see :mod:`steer.layers` for the layer
+convention), the modes of the other vector kinds (``merged`` / ``per_request`` for task vectors, ``clamp`` for
+SAE features; :mod:`steer.kinds`), or
 
-* ``add``        — ``h + α·v`` (activation addition; Turner et al. 2023, Arditi et al. 2024 §3)
-* ``ablate``     — ``h − β·(h·r̂)r̂`` for each stored direction (directional ablation, Arditi et al. 2024);
-                   α plays the role of β (1.0 removes the component entirely)
-* ``ablate_add`` — ``h − (h·r̂)r̂ + α·v`` (set the component along r̂ to α·v's)
 * ``conditional``— a shorthand for the vector's op (default ``add``) gated per request by the condition
                    stored in the vector file (CAST, Lee et al. 2024): at prefill, the prompt's activation
                    at the condition layer is projected on the condition direction and compared with the
@@ -27,13 +26,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import ops
 from .errors import AlphaError, ConfigError
 
-MODES = ("add", "ablate", "ablate_add", "conditional")
+TASK_MODES = ("merged", "merge", "per_request")
 SCOPES = ("all", "prompt", "generated")
 SITES = ("output", "input")
 REDUCES = ("last", "mean")
 COMPARATORS = (">", "<")
+
+
+def known_modes() -> tuple[str, ...]:
+    """Every mode a config may name: the registered ops, ``conditional``, and the task / clamp modes."""
+    return (*ops.OPS, "conditional", *TASK_MODES, "clamp")
 
 
 def check_alpha(value, what: str = "alpha") -> float:
@@ -70,6 +75,23 @@ def row_alphas(alphas) -> torch.Tensor:
             fix="pass a float or a list with one float per row",
         )
     return torch.tensor([check_alpha(v, f"alpha[{i}]") for i, v in enumerate(values)], dtype=torch.float32)
+
+
+def spread_rows(values: torch.Tensor, batch: int, what: str = "alphas") -> torch.Tensor:
+    """Per-row values for a batch of ``batch`` rows: ``values`` as they are when they have one per row, a single
+    value for every row, or each value repeated over consecutive rows when their count divides the batch
+    (``generate(num_return_sequences=k)`` expands each prompt into k rows); AlphaError otherwise."""
+    n = values.shape[0]
+    if n == batch:
+        return values
+    if n == 0 or batch % n:
+        raise AlphaError(
+            f"the number of per-row {what} does not fit the batch",
+            expected=f"{batch} {what} (or a divisor of it, repeated per row)",
+            found=f"{n} {what}",
+            fix=f"pass one value per batch row (set_alphas with {batch} values)",
+        )
+    return values.repeat_interleave(batch // n, dim=0)
 
 
 @dataclass
@@ -140,12 +162,12 @@ class SteeringConfig:
     def __post_init__(self):
         if self.alpha is not None:
             self.alpha = check_alpha(self.alpha)
-        if self.mode is not None and self.mode not in MODES:
+        if self.mode is not None and self.mode not in known_modes():
             raise ConfigError(
                 "unknown mode",
-                expected=" | ".join(MODES),
+                expected=" | ".join(known_modes()),
                 found=repr(self.mode),
-                fix="choose one of " + ", ".join(MODES),
+                fix="choose one of " + ", ".join(known_modes()),
             )
         if self.scope is not None and self.scope not in SCOPES:
             raise ConfigError(

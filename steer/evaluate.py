@@ -33,7 +33,9 @@ import torch
 from .config import check_alpha
 from .errors import ConfigError
 from .judge import make_judge
+from .kinds import kind_for
 from .metrics import Mean, Rate, kl_divergence
+from .progress import progress_bar
 from .vector import SteeringVector
 
 FILE_JAILBREAKS = {  # competing-objective wrappers usable on any prompt text
@@ -127,7 +129,7 @@ def _kl(sm, harmless: list[str], vector, layers, mode, scope, alphas: list[float
     base = sm.model(**enc).logits[:, -1]
     out = {}
     with sm.steer(vector, layers=layers, mode=mode, scope=scope) as handle:
-        handle.prompt_length = int(enc["input_ids"].shape[1])
+        handle.begin(int(enc["input_ids"].shape[1]))
         for a in alphas:
             handle.set_alphas([a] * len(texts))
             out[a] = Mean.of(kl_divergence(base, sm.model(**enc).logits[:, -1]).tolist())
@@ -194,7 +196,7 @@ def evaluate(
                 check_alpha(a) for a in (alphas if alphas is not None else [vector.recommended.get("alpha", 1.0)])
             )
         )
-        if vector.kind == "task":  # task vectors change weights, not layers' activations
+        if not kind_for(vector, mode).per_layer:  # e.g. task vectors: weights, not chosen layers' activations
             sets = [None]
         else:
             sets = layer_sets if layer_sets is not None else [vector.recommended.get("layers") or vector.layers]
@@ -203,11 +205,9 @@ def evaluate(
     seen = sm.format([it.prompt for it in items], chat=chat, prefill=[it.prefill or "" for it in items])
     judged = [i for i, it in enumerate(items) if it.check is None or it.metric == "harmless"]
     configs = []
-    bar = _progress(progress, sum(len(a) for _, a in plan) * len(items))
-    try:
+    with progress_bar(progress, sum(len(a) for _, a in plan) * len(items), "eval") as done:
         for layers, alist in plan:
             rows = [(i, a) for a in alist for i in order]
-            done = (lambda n: bar[0].update(bar[1], advance=n)) if bar else None
             completions = sm.generate(
                 [items[i].prompt for i, _ in rows],
                 vector=vector,
@@ -229,9 +229,6 @@ def evaluate(
                 metrics = _metrics(items, texts, [verdicts.get(i) for i in range(len(items))])
                 metrics["kl"] = kls.get(a, Mean(0.0, len(harmless_texts), 0.0))
                 configs.append({"layers": layers, "alpha": a if vector is not None else None, "metrics": metrics})
-    finally:
-        if bar:
-            bar[0].stop()
     return {
         "suite": suite,
         "n_items": len(items),
@@ -254,14 +251,3 @@ def report_to_json(report: dict) -> dict:
         return x
 
     return conv(report)
-
-
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    p = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
-    task = p.add_task("eval", total=total)
-    p.start()
-    return p, task

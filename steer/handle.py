@@ -117,13 +117,12 @@ class ForwardWrap:
     """Run ``pre``/``post`` around one module's forward by wrapping it: a forward hook's contract, a plain call's
     price.
 
-    ``pre(module, args, kwargs) -> (args, kwargs) | None`` runs before the forward; ``post(module, args, output)
-    -> output | None`` after it (None keeps the value). Several on one module run in the order they were added,
-    pres and posts alike, as torch's hooks do. Why not ``register_forward_hook``: once a module has any hook,
-    torch sends every call of it through its general hook dispatch, measured at ~9 µs per call inside a decode
-    step here against ~1 µs for a wrapped forward (``benchmarks/hook_overhead.py``) — at 30 steered layers that
-    alone was most of the steering budget. Because the wrapper is the forward, forward hooks and
-    ``output_hidden_states`` see the steered output, whatever order things were registered in.
+    ``pre(module, args, kwargs) -> (args, kwargs) | None`` runs before the forward; ``post(module, args, output) ->
+    output | None`` after it (None keeps the value). Several on one module run in the order they were added, pres
+    and posts alike, as torch's hooks do. Why not ``register_forward_hook``: once a module has any hook, torch sends
+    every call of it through its general hook dispatch, several times the cost of a wrapped forward inside a decode
+    step (docs/performance.md, ``benchmarks/hook_overhead.py``). Because the wrapper is the forward, forward hooks
+    and ``output_hidden_states`` see the steered output, whatever order things were registered in.
 
     One wrapper per module while ours is the outermost: it calls whatever forward the module had before (its
     class's, or another wrapper such as accelerate's). When the last ForwardWrap on a module is removed the

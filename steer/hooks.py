@@ -22,13 +22,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from steer.kernels import Plan, plan_for, steer_
-
-from .config import Condition, SteeringConfig, check_alpha, row_alphas
-from .errors import AlphaError, ConfigError, LayerError
+from .config import SteeringConfig, row_alphas, spread_rows
+from .errors import ConfigError
 from .handle import ForwardWrap, HookSet
-from .layers import check_layers, fingerprint, get_layers
+from .layers import get_layers
 from .positions import past_length
+from .resolve import Resolved, resolve
 from .vector import SteeringVector
 
 
@@ -70,7 +69,9 @@ def _replace_hidden(output, h):
 class Steering(HookSet):
     """A live steering intervention on ``model``; use as a context manager or call :meth:`remove`.
 
-    Prefer :meth:`steer.SteeredModel.steer`; this class is the mechanism underneath.
+    Prefer :meth:`steer.SteeredModel.steer`; this class is the mechanism underneath. ``Steering(model, vector,
+    config)`` resolves (:func:`steer.resolve.resolve`, which validates everything) and then attaches;
+    :meth:`from_resolved` attaches a result resolved before.
     """
 
     def __init__(
@@ -82,82 +83,42 @@ class Steering(HookSet):
         layers_path: str | None = None,
         check_architecture: bool = True,
     ):
-        config = config or SteeringConfig()
-        self.model = model
-        blocks = get_layers(model, layers_path)
-        fp = fingerprint(model, layers_path)
-        vector.check_model(fp, check_architecture=check_architecture)
-        rec = vector.recommended
-        mode = config.mode or rec.get("mode") or vector.meta.get("op") or "add"
-        base_op = vector.meta.get("op", "add")
-        self.op = (base_op if base_op != "conditional" else "add") if mode == "conditional" else mode
-        self.scope = config.scope or rec.get("scope") or vector.meta.get("scope") or "all"
-        self.site = config.site or vector.meta.get("site") or "output"
-        self.layers = check_layers(config.layers or rec.get("layers") or vector.layers, len(blocks))
-        alpha = config.alpha if config.alpha is not None else rec.get("alpha", 1.0)
-        self.alpha = check_alpha(alpha)
-        source = config.source_layer if config.source_layer is not None else rec.get("source_layer")
-        self.condition = config.condition or (self._vector_condition(vector) if mode == "conditional" else None)
-        if self.condition is not None:
-            self.condition.layer = check_layers([self.condition.layer], len(blocks))[0]
-            if self.condition.direction.shape[-1] != fp["hidden_size"]:
-                raise ConfigError(
-                    "condition direction has the wrong width",
-                    expected=f"[{fp['hidden_size']}]",
-                    found=str(tuple(self.condition.direction.shape)),
-                    fix="use a condition computed on this model",
-                )
-            first = min(self.layers) - (1 if self.site == "input" else 0)
-            if self.scope != "generated" and self.condition.layer > first:
-                raise ConfigError(
-                    "the condition is read after the first steered activation of the prompt",
-                    expected=f"condition layer <= {first} (first steered {self.site} of layer {min(self.layers)})",
-                    found=f"condition layer {self.condition.layer}",
-                    fix="steer later layers, read the condition earlier, or use scope='generated'",
-                )
-        # ---- per-layer vectors: [J+K, d] fp32 on the layer's device, moved once here
-        self.blocks = blocks
-        self._vecs: dict[int, torch.Tensor] = {}
-        self._plans: dict[int, Plan | None] = {}
-        self.n_ablate = 0
-        shapes = set()
-        for layer in self.layers:
-            d = self._pick_direction(vector, layer, source).reshape(-1, fp["hidden_size"]).float()
-            if self.op != "add" and bool((d.norm(dim=-1) == 0).any()):
-                raise ConfigError(
-                    f"layer {layer}: cannot ablate a zero direction",
-                    expected="non-zero directions",
-                    found="a direction of norm 0",
-                    fix="use mode='add' or a non-zero vector",
-                )
-            if self.op == "add":
-                vecs, j = d, 0
-            else:
-                q = torch.linalg.qr(d.T).Q.T if d.shape[0] > 1 else d / d.norm(dim=-1, keepdim=True)
-                vecs, j = (q, q.shape[0]) if self.op == "ablate" else (torch.cat([q, d]), q.shape[0])
-            shapes.add((vecs.shape[0], j))
-            self._vecs[layer] = vecs.to(_layer_device(blocks[layer])).contiguous()
-            # CPU: operands derived once from the vectors and on every α/gate change from coef (kernels.Plan)
-            self._plans[layer] = plan_for(self._vecs[layer], j)
-            self.n_ablate = j
-        if len(shapes) > 1:
+        res = resolve(config, vector, model, layers_path=layers_path, check_architecture=check_architecture)
+        if res.kind != "activation":
             raise ConfigError(
-                "layers carry different numbers of directions",
-                expected="the same [k, d] shape at every steered layer",
-                found=str(sorted(shapes)),
-                fix="steer layers whose directions have the same shape",
+                "Steering applies activation steering",
+                expected="a vector of directions (refusal, sae, custom) in an op's mode",
+                found=f"{res.kind} (vector kind {vector.kind!r})",
+                fix="use SteeredModel.steer, which picks the handle for every kind",
             )
+        self._attach(model, res)
+
+    @classmethod
+    def from_resolved(cls, model: nn.Module, res: Resolved) -> "Steering":
+        self = cls.__new__(cls)
+        self._attach(model, res)
+        return self
+
+    def _attach(self, model: nn.Module, res: Resolved) -> None:
+        self.model, self.resolved = model, res
+        self.op, self.scope, self.site = res.mode, res.scope, res.site
+        self.layers, self.alpha, self.condition = list(res.layers), res.alpha, res.condition
+        self.blocks = blocks = get_layers(model, res.layers_path)
+        self.n_ablate = res.n_ablate
+        # per-layer operands [M, d] fp32 on the layer's device, moved once here, and the op's kernel plan (the
+        # implementation chosen once, here: steer.kernels.plan_for for the built-in ops)
+        self._vecs = {l: v.to(_layer_device(blocks[l])).contiguous() for l, v in res.operands.items()}
+        self._plans = {l: res.op.plan(v, res.n_ablate) for l, v in self._vecs.items()}
         self._devices = sorted({v.device for v in self._vecs.values()}, key=str)
         if self.condition is not None:
-            cdev = _layer_device(blocks[self.condition.layer])
             c = self.condition.direction.float()
-            self._cond_dir = (c / c.norm()).to(cdev)
+            self._cond_dir = (c / c.norm()).to(_layer_device(blocks[self.condition.layer]))
         # ---- per-row state
         self._alphas = torch.tensor([self.alpha], dtype=torch.float32)
         self._coef: dict[torch.device, torch.Tensor] = {}
         self._coef_eff: dict[torch.device, torch.Tensor] = {}
         self._build_coef(self._alphas)
-        self.prompt_length: int | None = None  # set by SteeredModel.generate; else inferred at prefill
+        self.prompt_length: int | None = None  # the padded prompt length of this batch (begin); else inferred
         self.last_scores: torch.Tensor | None = None
         self.last_gate: torch.Tensor | None = None
         self._prefill = True
@@ -171,50 +132,16 @@ class Steering(HookSet):
         self._handles: list = []
         self._register()
 
-    # ------------------------------------------------------------------ validation helpers
-    @staticmethod
-    def _vector_condition(vector: SteeringVector) -> Condition:
-        cond = vector.condition
-        if not cond or vector.condition_direction is None:
-            raise ConfigError(
-                "conditional mode needs a condition",
-                expected="a vector file with a condition (layer, threshold, condition.direction)",
-                found="none in this vector",
-                fix="compute one with `steer vectors refusal` or `steer tune`, or pass condition=",
-            )
-        return Condition(
-            layer=int(cond["layer"]),
-            direction=vector.condition_direction,
-            threshold=cond["threshold"],
-            reduce=cond.get("reduce", "last"),
-            comparator=cond.get("comparator", ">"),
-        )
-
-    @staticmethod
-    def _pick_direction(vector: SteeringVector, layer: int, source: int | None) -> torch.Tensor:
-        key = source if source is not None else layer
-        if key in vector.directions:
-            return vector.directions[key]
-        if len(vector.directions) == 1:
-            return next(iter(vector.directions.values()))
-        raise LayerError(
-            f"the vector has no direction for layer {key}",
-            expected=f"one of {vector.layers}",
-            found=str(key),
-            fix="steer layers the vector has, or pass source_layer=N to use layer N's direction at every steered layer",
-        )
+    def begin(self, prompt_length: int | None = None) -> None:
+        """A new batch of requests whose (left-padded) prompts are ``prompt_length`` tokens long; None lets the
+        first forward at cache length 0 say it (a longer uncached forward is then a new prompt too)."""
+        self.prompt_length = None if prompt_length is None else int(prompt_length)
 
     # ------------------------------------------------------------------ per-row α
     @torch.inference_mode(False)  # persistent buffers must stay writable outside inference mode
     def _build_coef(self, alphas: torch.Tensor) -> None:
-        n_add = next(iter(self._vecs.values())).shape[0] - self.n_ablate
-        a = alphas.float()[:, None]
-        if self.op == "add":
-            coef = a.expand(-1, n_add)
-        elif self.op == "ablate":
-            coef = a.expand(-1, self.n_ablate)
-        else:
-            coef = torch.cat([(a != 0).float().expand(-1, self.n_ablate), a.expand(-1, n_add)], dim=1)
+        m = next(iter(self._vecs.values())).shape[0]
+        coef = self.resolved.op.coefficients(alphas.float(), self.n_ablate, m)
         for dev in self._devices:
             c = coef.to(dev).clone(memory_format=torch.contiguous_format)  # a normal tensor, ours alone
             if dev in self._coef and self._coef[dev].shape == c.shape:
@@ -231,8 +158,7 @@ class Steering(HookSet):
 
     def _update_plans(self) -> None:
         for layer, plan in self._plans.items():
-            if plan is not None:
-                plan.update(self._coef_eff[self._vecs[layer].device])
+            plan.update(self._coef_eff[self._vecs[layer].device])
 
     def set_alphas(self, alphas) -> None:
         """Give every batch row its own strength (a float sets one α for all rows). 0 = unsteered row."""
@@ -240,18 +166,8 @@ class Steering(HookSet):
         self._build_coef(self._alphas)
 
     def _fit_rows(self, batch: int) -> None:
-        rows = next(iter(self._coef.values())).shape[0]
-        base = self._alphas.numel()
-        if rows == batch:  # one coefficient row per batch row (the CPU plan's decode path needs B rows)
-            return
-        if batch % base:
-            raise AlphaError(
-                "the number of per-row alphas does not fit the batch",
-                expected=f"{batch} alphas (or a divisor of it, repeated per row)",
-                found=f"{base} alphas",
-                fix="call set_alphas with one alpha per batch row",
-            )
-        self._build_coef(self._alphas.repeat_interleave(batch // base))
+        if next(iter(self._coef.values())).shape[0] != batch:  # one coefficient row per batch row
+            self._build_coef(spread_rows(self._alphas, batch))
 
     # ------------------------------------------------------------------ hooks
     def _register(self) -> None:
@@ -284,12 +200,12 @@ class Steering(HookSet):
             return None
         batch, seq = int(x.shape[0]), int(x.shape[1]) if x.dim() > 1 else 1
         self._decode = seq == 1  # one token per row (the plan's decode path)
-        # once per forward, not per layer (a call costs ~2 µs in a decode): a traced hook must make no pybind
+        # once per forward, not per layer (a call costs microseconds in a decode): a traced hook must make no pybind
         # call (the native op) and no out= into a view. A part compiled on its own (a block, the inner model) is
         # traced inside an eager root forward. (torch.jit.trace and dispatch modes: the native op refuses them.)
         self._eager = not (torch.compiler.is_compiling() or _compiled(self._compile_sites))
         if self._eager:
-            self._check_wraps()  # still ours on every steered block? (warns once if replaced; ~2 µs for 30)
+            self._check_wraps()  # still ours on every steered block? (warns once if replaced)
         if self.scope == "all" and self.condition is None:
             # nothing depends on positions: skip the cache-length read (a device sync / graph break)
             self._fit_rows(batch)
@@ -330,17 +246,9 @@ class Steering(HookSet):
             self._masks[device] = self._mask.to(device)
         return self._masks[device]
 
-    def _steer(self, h: torch.Tensor, layer: int, inplace: bool) -> torch.Tensor:
-        if not inplace or (torch.is_grad_enabled() and h.requires_grad):
-            h = h.clone()
-        return steer_(
-            h,
-            self._vecs[layer],
-            self._coef_eff[h.device],
-            self.n_ablate,
-            None if self._mask is None else self._mask_on(h.device),
-            self._plans[layer],
-        )
+    def _steer(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """Steer a copy of ``h`` (a block's input belongs to the previous block's output too)."""
+        return self._plans[layer].steer_(h.clone(), self._mask_on(h.device), self._decode, self._eager)
 
     def _decide_gate(self, h: torch.Tensor) -> None:
         cond = self.condition
@@ -366,30 +274,17 @@ class Steering(HookSet):
                 return None
 
             return gate_hook
-        vecs, n_ablate, coef_eff, plan = self._vecs[layer], self.n_ablate, self._coef_eff, self._plans[layer]
-        dev = vecs.device
-        f32, tensor, grad_enabled = torch.float32, torch.Tensor, torch.is_grad_enabled
-        add_bias = plan is not None and n_ablate == 0 and len(vecs) > 0  # add only: h += plan.bias, one op, any T
-        apply_ = plan.apply_ if plan is not None and n_ablate else None
-        native, R = (plan.native, plan.R) if apply_ is not None else (None, None)  # kernels/native.py, if built
+        plan, dev = self._plans[layer], self._vecs[layer].device
+        tensor, grad_enabled = torch.Tensor, torch.is_grad_enabled
 
-        def hook(module, args, output):  # hot path: bound locals, cheapest checks first (see kernels.cpu)
+        def hook(module, args, output):  # hot path: the plan picks the kernel path (steer.kernels.plan_for)
             if self._skip:
                 return None
             h = output if type(output) is tensor else output[0]
+            mask = None if self._mask is None else self._mask_on(dev)
             if grad_enabled() and h.requires_grad:
-                steered = steer_(h.clone(), vecs, coef_eff[dev], n_ablate, self._mask_on(dev), plan)
-                return _replace_hidden(output, steered)
-            if add_bias and self._mask is None:
-                h.add_(plan.bias)
-                return None
-            if apply_ is not None and self._mask is None and h.dtype is f32:
-                decode, eager = self._decode, self._eager
-                if native is not None and decode and eager and native(h, R, plan.beta, plan.bias):
-                    return None  # one native call (False: h is not plain [B, 1, d] fp32; ATen runs)
-                if apply_(h, decode, eager, False):
-                    return None
-            steer_(h, vecs, coef_eff[dev], n_ablate, self._mask_on(dev), plan)
+                return _replace_hidden(output, plan.steer_(h.clone(), mask, False, self._eager))
+            plan.steer_(h, mask, self._decode, self._eager)
             return None
 
         return hook
@@ -399,9 +294,9 @@ class Steering(HookSet):
             if self._skip:
                 return None
             if args:
-                return (self._steer(args[0], layer, inplace=False), *args[1:]), kwargs
+                return (self._steer(args[0], layer), *args[1:]), kwargs
             kwargs = dict(kwargs)
-            kwargs["hidden_states"] = self._steer(kwargs["hidden_states"], layer, inplace=False)
+            kwargs["hidden_states"] = self._steer(kwargs["hidden_states"], layer)
             return args, kwargs
 
         return hook

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import check_alpha, row_alphas
+from .config import check_alpha, row_alphas, spread_rows
 from .errors import AlphaError, ConfigError
 from .handle import ForwardWrap, HookSet
 from .params import check_task_model, dense_tau, factors, is_conv1d, task_info
@@ -58,7 +58,6 @@ class TaskSteering(HookSet):
         params = check_task_model(vector, model)
         info = task_info(vector)
         self.alpha = check_alpha(alpha)
-        self.prompt_length = None  # interface parity with activation steering (unused: τ steers every token)
         owners: dict[int, list[tuple[nn.Module, str]]] = {}
         for _, mod in model.named_modules(remove_duplicate=False):
             for attr, p in mod.named_parameters(recurse=False):
@@ -102,6 +101,9 @@ class TaskSteering(HookSet):
             else:
                 self._coef[i] = col.to(dev).clone(memory_format=torch.contiguous_format)
 
+    def begin(self, prompt_length: int | None = None) -> None:
+        """A new batch of requests (τ steers every token, so the prompt length changes nothing)."""
+
     def set_alphas(self, alphas) -> None:
         """One α per batch row (a float sets every row). 0 leaves a row bit-exactly unsteered."""
         self._alphas = row_alphas(alphas)
@@ -114,17 +116,8 @@ class TaskSteering(HookSet):
         if x is None:
             return None
         batch, rows = x.shape[0], self._coef[0].shape[0] if self._coef else 1
-        if batch == rows:
-            return None
-        base = self._alphas.numel()
-        if batch % base:
-            raise AlphaError(
-                "the number of per-row alphas does not fit the batch",
-                expected=f"{batch} alphas (or a divisor of it, repeated per row)",
-                found=f"{base} alphas",
-                fix="call set_alphas with one alpha per batch row",
-            )
-        self._build_coef(self._alphas.repeat_interleave(batch // base))
+        if batch != rows:
+            self._build_coef(spread_rows(self._alphas, batch))
         return None
 
     # ------------------------------------------------------------------ hooks

@@ -24,9 +24,10 @@ import torch
 
 from .config import Condition, SteeringConfig, check_alpha
 from .errors import AlphaError, ConfigError, ModelLoadError
-from .hooks import Steering
+from .kinds import SteeringHandle, attach
 from .layers import fingerprint, get_layers, hidden_size
 from .prompts import format_prompt, has_chat_template
+from .resolve import resolve
 from .vector import SteeringVector
 
 BUILTIN_PREFIX = "builtin:"
@@ -160,16 +161,14 @@ class SteeredModel:
         *,
         check_architecture: bool = True,
         **overrides,
-    ) -> Steering:
-        """Attach ``vector`` and return the live :class:`~steer.hooks.Steering` handle (a context manager).
+    ) -> SteeringHandle:
+        """Attach ``vector`` and return its live handle (a :class:`~steer.kinds.SteeringHandle`, a context
+        manager): the vector's kind and the mode pick the handle from :data:`steer.kinds.KINDS`.
 
         ``overrides`` are :class:`SteeringConfig` fields (layers, alpha, mode, scope, site, source_layer,
-        condition); unset ones come from the vector file's recommendations.
+        condition, extra); unset ones come from the vector file's recommendations. Everything is validated
+        (:func:`steer.resolve.resolve`) before anything is attached.
         """
-        if not isinstance(vector, SteeringVector):
-            vector = SteeringVector.load(vector)
-        if vector.kind == "task":  # weight deltas: the parameter path (steer.params / steer.lowrank)
-            return self._steer_task(vector, config, overrides)
         if config is None:
             config = SteeringConfig(**overrides)
         elif overrides:
@@ -179,45 +178,8 @@ class SteeredModel:
                 found="both",
                 fix="put the overrides into the config",
             )
-        return Steering(self.model, vector, config, layers_path=self.layers_path, check_architecture=check_architecture)
-
-    TASK_MODES = {"merged": "merged", "merge": "merged", None: "per_request", "per_request": "per_request"}
-
-    def _steer_task(self, vector: SteeringVector, config: SteeringConfig | None, overrides: dict):
-        """Task vector τ: ``mode="merged"`` writes θ₀ + α·τ into the weights (one α for the batch,
-        :class:`steer.params.MergedTaskSteering`); otherwise per-request hooks with one α per row
-        (:class:`steer.lowrank.TaskSteering`; low-rank τ is cheap, dense τ costs ≈2× its weights' traffic)."""
-        from .lowrank import TaskSteering
-        from .params import MergedTaskSteering
-
-        opts = dict(overrides)
-        if config is not None:
-            opts.update(
-                {
-                    k: getattr(config, k)
-                    for k in ("alpha", "mode", "layers", "scope", "site", "source_layer", "condition")
-                }
-            )
-        mode = opts.pop("mode", None)
-        alpha = opts.pop("alpha", None)
-        unused = sorted(k for k, v in opts.items() if v is not None)
-        if unused:
-            raise ConfigError(
-                "task vectors change weights, not one layer's activations",
-                expected="only alpha= and mode= ('merged' or per-request)",
-                found=f"{', '.join(unused)} given",
-                fix="drop those options for a task vector",
-            )
-        if mode not in self.TASK_MODES:
-            raise ConfigError(
-                "unknown mode for a task vector",
-                expected="'merged' or None (per-request)",
-                found=repr(mode),
-                fix="pass mode='merged' (one alpha) or leave it unset",
-            )
-        alpha = check_alpha(alpha if alpha is not None else vector.recommended.get("alpha", 1.0))
-        cls = MergedTaskSteering if self.TASK_MODES[mode] == "merged" else TaskSteering
-        return cls(self.model, vector, alpha)
+        res = resolve(config, vector, self.model, layers_path=self.layers_path, check_architecture=check_architecture)
+        return attach(self.model, res)
 
     # ------------------------------------------------------------------ generation
     def encode(self, texts: list[str], chat_applied: bool, *, position_ids: bool = False) -> dict:
@@ -331,11 +293,7 @@ class SteeredModel:
         texts = self.format(prompts, chat=chat, prefill=prefill)
         chat_applied = chat and has_chat_template(self.tokenizer)
         steering = None
-        if vector is not None and not isinstance(vector, SteeringVector):
-            vector = SteeringVector.load(vector)
-        if vector is not None and vector.kind == "task":
-            steering = self.steer(vector, layers=layers, mode=mode, scope=scope, site=site, condition=condition)
-        elif vector is not None:
+        if vector is not None:
             config = SteeringConfig(
                 layers=layers, mode=mode, scope=scope, site=site, condition=condition, source_layer=source_layer
             )
@@ -360,7 +318,7 @@ class SteeredModel:
                 if steering is not None:
                     rows = row_alphas[start : start + batch_size] if row_alphas else [steering.alpha] * len(chunk)
                     steering.set_alphas(rows)
-                    steering.prompt_length = int(enc["input_ids"].shape[1])
+                    steering.begin(int(enc["input_ids"].shape[1]))
                 out = self.model.generate(**enc, **gen)
                 new = out[:, enc["input_ids"].shape[1] :]
                 outputs.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))

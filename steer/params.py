@@ -30,9 +30,26 @@ from torch import nn
 from .config import check_alpha, row_alphas
 from .errors import AlphaError, ModelMismatchError, VectorFileError
 from .layers import fingerprint
-from .vector import SteeringVector
+from .vector import ExtraLayout, SteeringVector
 
 PREFIX = "task."
+
+
+# ----------------------------------------------------------------------------------- the file layout
+def task_tensors(name: str, *, dense: torch.Tensor | None = None, factors: tuple | None = None) -> dict:
+    """The ``extra`` entries that store τ of parameter ``name``: dense (the parameter's own layout) or low-rank
+    factors ``(up [out, R], down [R, in])`` in Linear orientation."""
+    if factors is not None:
+        return {f"{PREFIX}{name}.up": factors[0], f"{PREFIX}{name}.down": factors[1]}
+    return {f"{PREFIX}{name}": dense.contiguous()}
+
+
+def scale_task_extra(extra: dict, scale: float) -> dict:
+    """``scale * τ``: dense deltas and the ``.up`` factor of low-rank ones scale; ``.down`` factors do not."""
+    return {k: v * scale if k.startswith(PREFIX) and not k.endswith(".down") else v for k, v in extra.items()}
+
+
+TASK_LAYOUT = ExtraLayout(scale_extra=scale_task_extra, addable=False)
 
 
 # ----------------------------------------------------------------------------------- reading τ
@@ -82,8 +99,18 @@ def is_conv1d(module: nn.Module) -> bool:
 def check_task_model(vector: SteeringVector, model: nn.Module) -> dict[str, nn.Parameter]:
     """Check names, shapes and Conv1D layout of every τ against ``model``; return name -> parameter."""
     info = task_info(vector)
-    vector.check_model(fingerprint(model), model=model)
+    vector.check_model(fingerprint(model))
     params = dict(model.named_parameters(remove_duplicate=False))
+    for name, meta in info.items():
+        found = tuple(params[name].shape) if name in params else None
+        if found != tuple(meta["shape"]):
+            raise ModelMismatchError(
+                f"the task vector changes parameter {name}, which this model "
+                + ("lacks" if found is None else "has in another shape"),
+                expected=f"{name} of shape {tuple(meta['shape'])}",
+                found="no such parameter" if found is None else str(found),
+                fix="apply the vector to the architecture (and size) it was computed on",
+            )
     modules = dict(model.named_modules())
     for name, meta in info.items():
         owner = modules.get(name.rpartition(".")[0])
@@ -112,7 +139,6 @@ class MergedTaskSteering:
         self.model = model
         params = check_task_model(vector, model)
         self.alpha = 0.0
-        self.prompt_length = None  # accepted for interface parity with activation steering
         self._entries: list[tuple[str, nn.Parameter, torch.Tensor, torch.Tensor]] = []
         self._bound: list[tuple[float, float, float]] = []  # (max|θ₀|, max|τ|, dtype max)
         with torch.no_grad():
@@ -185,7 +211,11 @@ class MergedTaskSteering:
         self.alpha = alpha
         self._applied = True
 
+    def begin(self, prompt_length: int | None = None) -> None:
+        """A new batch of requests (the weights hold θ₀ + α·τ for every token; nothing to do)."""
+
     def set_alphas(self, alphas) -> None:
+        """Merged mode has one α: a float, or a per-row list whose values are all equal."""
         values = row_alphas(alphas).tolist()
         if any(v != values[0] for v in values):
             raise AlphaError(

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import spread_rows
 from .errors import AlphaError, ConfigError, VectorFileError
 from .handle import ForwardWrap, HookSet
 from .layers import check_layers, fingerprint, get_layers
@@ -178,8 +179,57 @@ def _hidden(output):
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
+def clamp_values(value) -> tuple[list[float], list[bool]]:
+    """``(values, on)`` per row from a float or a list (``None`` = row not clamped); AlphaError if not finite."""
+    values = value.detach().reshape(-1).tolist() if isinstance(value, torch.Tensor) else value
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    if not values:
+        raise AlphaError(
+            "no clamp values given",
+            expected="a float or one value per row",
+            found="[]",
+            fix="pass value=5.0 or value=[5.0, None, ...]",
+        )
+    out, on = [], []
+    for i, v in enumerate(values):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise AlphaError(
+                f"clamp value [{i}] is not a finite number",
+                expected="a finite float or None",
+                found=repr(v),
+                fix="pass finite clamp values",
+            )
+        out.append(0.0 if v is None else float(v))
+        on.append(v is not None)
+    return out, on
+
+
+def check_features(features, sae: SAEWeights, hidden_size: int) -> list[int]:
+    """The feature ids as a list, checked against the SAE (and the SAE against the model's width)."""
+    if sae.d_in != hidden_size:
+        raise ConfigError(
+            "the SAE was trained on another width",
+            expected=f"d_in {hidden_size}",
+            found=f"d_in {sae.d_in}",
+            fix="use an SAE of this model",
+        )
+    feats = [features] if isinstance(features, int) else list(features)
+    bad = [f for f in feats if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < sae.d_sae]
+    if not feats or bad:
+        raise ConfigError(
+            "bad SAE feature ids",
+            expected=f"integers in [0, {sae.d_sae - 1}]",
+            found=repr(bad or feats),
+            fix="pass feature ids from the vector's meta['sae']",
+        )
+    return feats
+
+
 class FeatureClamp(HookSet):
-    """Live clamp hooks; a context manager. Hooks are removed on exit, also on errors."""
+    """Live clamp hooks; a context manager. Hooks are removed on exit, also on errors.
+
+    Per-row values through :meth:`set_alphas` (the handle protocol's name; :meth:`set_values` is the same):
+    one clamp value per row, ``None`` = that row not clamped."""
 
     def __init__(
         self,
@@ -194,24 +244,9 @@ class FeatureClamp(HookSet):
     ):
         blocks = get_layers(model, layers_path)
         fp = fingerprint(model, layers_path)
-        if sae.d_in != fp["hidden_size"]:
-            raise ConfigError(
-                "the SAE was trained on another width",
-                expected=f"d_in {fp['hidden_size']}",
-                found=f"d_in {sae.d_in}",
-                fix="use an SAE of this model",
-            )
         if site not in ("output", "input"):
             raise ConfigError("unknown site", expected="'output' or 'input'", found=repr(site), fix="use 'output'")
-        feats = [features] if isinstance(features, int) else list(features)
-        bad = [f for f in feats if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < sae.d_sae]
-        if not feats or bad:
-            raise ConfigError(
-                "bad SAE feature ids",
-                expected=f"integers in [0, {sae.d_sae - 1}]",
-                found=repr(bad or feats),
-                fix="pass feature ids from the vector's meta['sae']",
-            )
+        feats = check_features(features, sae, fp["hidden_size"])
         self.layers = check_layers(list(layers), len(blocks))
         self.site = site
         self.features = feats
@@ -226,7 +261,7 @@ class FeatureClamp(HookSet):
                 self._sae[dev] = sae.to(dev)
                 self._feat[dev] = torch.tensor(feats, dtype=torch.long, device=dev)
                 self._dec[dev] = self._sae[dev].W_dec.index_select(0, self._feat[dev])  # [F, d]
-        self.set_values(value)
+        self.set_alphas(value)
         self._handles: list = []
         try:
             self._handles.append(model.register_forward_pre_hook(self._begin_forward))
@@ -245,47 +280,24 @@ class FeatureClamp(HookSet):
             self._check_wraps()  # still ours on every clamped block? (warns once if replaced)
 
     # ------------------------------------------------------------------ per-row values
-    def set_values(self, value) -> None:
+    def begin(self, prompt_length: int | None = None) -> None:
+        """A new batch of requests (the clamp applies to every token; nothing to do)."""
+
+    def set_alphas(self, value) -> None:
         """One clamp value for all rows, or a list with one per batch row (``None`` = row not clamped)."""
-        values = value.detach().reshape(-1).tolist() if isinstance(value, torch.Tensor) else value
-        values = list(values) if isinstance(values, (list, tuple)) else [values]
-        if not values:
-            raise AlphaError(
-                "no clamp values given",
-                expected="a float or one value per row",
-                found="[]",
-                fix="pass value=5.0 or value=[5.0, None, ...]",
-            )
-        out, on = [], []
-        for i, v in enumerate(values):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-                raise AlphaError(
-                    f"clamp value [{i}] is not a finite number",
-                    expected="a finite float or None",
-                    found=repr(v),
-                    fix="pass finite clamp values",
-                )
-            out.append(0.0 if v is None else float(v))
-            on.append(v is not None)
+        out, on = clamp_values(value)
         self._values = torch.tensor(out, dtype=torch.float32)
         self._on = torch.tensor(on, dtype=torch.float32)
+        self.alpha = out[0]
         self._cache: dict = {}
+
+    set_values = set_alphas
 
     def _row_tensors(self, batch: int, device: torch.device):
         key = (batch, device)
         if key not in self._cache:
-            n = self._values.numel()
-            if n != 1 and batch != n:
-                if batch % n:
-                    raise AlphaError(
-                        "the number of clamp values does not fit the batch",
-                        expected=f"1 or {batch} values (or a divisor of {batch})",
-                        found=f"{n} values",
-                        fix="pass one value per batch row",
-                    )
-            reps = batch // n if n != 1 else 1
-            vals = self._values.repeat_interleave(reps) if n != 1 else self._values
-            on = self._on.repeat_interleave(reps) if n != 1 else self._on
+            vals = spread_rows(self._values, batch, "clamp values") if self._values.numel() != 1 else self._values
+            on = spread_rows(self._on, batch, "clamp values") if self._on.numel() != 1 else self._on
             self._cache[key] = (vals.to(device)[:, None, None], on.to(device)[:, None, None])
         return self._cache[key]
 
@@ -325,30 +337,28 @@ def clamp_features(
         with clamp_features(sm, vec, features=[vec.meta["sae"]["features"][0]["id"]], value=8.0):
             sm.generate(prompts)
     """
+    from .config import SteeringConfig
+    from .kinds import attach
+    from .resolve import resolve
+
     if not isinstance(vector, SteeringVector):
         vector = SteeringVector.load(vector)
-    sae = SAEWeights.from_vector(vector)
     model = sm.model if hasattr(sm, "model") and isinstance(getattr(sm, "model"), nn.Module) else sm
-    layers_path = getattr(sm, "layers_path", None)
-    vector.check_model(fingerprint(model, layers_path))
-    info = vector.meta.get("sae") or {}
-    if features is None:
-        top = info.get("features") or []
-        if not top:
-            raise ConfigError(
-                "no features given", expected="features=[ids]", found="none in the vector", fix="pass features=[...]"
-            )
-        features = [int(top[0]["id"])]
-    if layers is None:
-        layers = [int(info["layer"])] if "layer" in info else vector.layers
-    elif isinstance(layers, int):
-        layers = [layers]
-    return FeatureClamp(
-        model,
-        sae,
-        features,
-        value,
+    layers = [layers] if isinstance(layers, int) else layers
+    SAEWeights.from_vector(vector)  # not an SAE file: say so (VectorFileError), before the mode lookup
+    clamp_values(value)  # bad values fail here, before anything is attached
+    first = value[0] if isinstance(value, (list, tuple)) and value else value
+    config = SteeringConfig(
+        mode="clamp",
         layers=layers,
-        site=site or info.get("site") or vector.meta.get("site", "output"),
-        layers_path=layers_path,
+        site=site,
+        extra={} if features is None else {"features": features},
+        alpha=first if isinstance(first, (int, float)) and not isinstance(first, bool) else 0.0,
     )
+    handle = attach(model, resolve(config, vector, model, layers_path=getattr(sm, "layers_path", None)))
+    try:
+        handle.set_alphas(value)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle

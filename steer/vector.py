@@ -2,7 +2,9 @@
 
 A file holds one tensor per layer, ``direction.{layer}`` of shape ``[d]`` (or ``[k, d]`` for several
 directions), optionally ``condition.direction`` (``[d]``, for the conditional gate) and any extra tensors a
-vector kind needs (``extra.*``). The safetensors header metadata key ``"steer"`` holds JSON::
+vector kind or op needs (``extra.*``: ``extra.mean.{layer}``, the harmless mean that ``ace`` projects relative
+to, written by ``steer vectors refusal``; a task vector's deltas, :mod:`steer.params`; an SAE's weights,
+:mod:`steer.sae_clamp`). The safetensors header metadata key ``"steer"`` holds JSON::
 
     {"format": "steer.vector", "format_version": 1, "kind": "refusal|task|sae|custom",
      "op": "add|ablate|ablate_add", "site": "output|input", "scope": "all|prompt|generated",
@@ -28,14 +30,13 @@ from pathlib import Path
 
 import torch
 
+from .config import SCOPES, SITES, known_modes
 from .errors import ModelMismatchError, VectorFileError
+from .ops import OPS
 
 FORMAT = "steer.vector"
 FORMAT_VERSION = 1
 KINDS = ("refusal", "task", "sae", "custom")
-OPS = ("add", "ablate", "ablate_add")
-SITES = ("output", "input")
-SCOPES = ("all", "prompt", "generated")
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ / torch.save zip archive
 
 
@@ -46,6 +47,22 @@ def steer_version() -> str:
         return version("steer-runtime")
     except Exception:  # not installed (source checkout)
         return "0+unknown"
+
+
+@dataclass(frozen=True)
+class ExtraLayout:
+    """How a vector kind's ``extra`` tensors behave under arithmetic (the kind owns its layout; see
+    :data:`steer.kinds.LAYOUTS`): ``scale_extra(extra, s)`` for ``s * vector``; ``addable``: ``+``/``-`` allowed.
+    The default: extras are reference data (e.g. the means ``mean.<layer>``), unchanged by scaling."""
+
+    scale_extra: object = staticmethod(lambda extra, s: extra)
+    addable: bool = True
+
+
+def _layout(kind: str) -> ExtraLayout:
+    from .kinds import LAYOUTS  # the kind table sits above this module
+
+    return LAYOUTS.get(kind, ExtraLayout())
 
 
 @dataclass
@@ -121,15 +138,16 @@ class SteeringVector:
                 fix="re-save the vector with steer (or fix the metadata)",
             )
 
-        for key, allowed in (("kind", KINDS), ("op", OPS), ("site", SITES), ("scope", SCOPES)):
+        for key, allowed in (("kind", KINDS), ("op", tuple(OPS)), ("site", SITES), ("scope", SCOPES)):
             if m.get(key) not in allowed:
                 bad(key, " | ".join(allowed), m.get(key))
         rec = m.get("recommended")
         if rec is not None:
             if not isinstance(rec, dict):
                 bad("recommended", "an object", rec)
-            if rec.get("mode") not in (None, *OPS, "conditional", "merged", "merge", "per_request"):
-                bad("recommended.mode", "add | ablate | ablate_add | conditional | merged | per_request", rec["mode"])
+            modes = known_modes()
+            if rec.get("mode") not in (None, *modes):
+                bad("recommended.mode", " | ".join(modes), rec["mode"])
             if rec.get("scope") not in (None, *SCOPES):
                 bad("recommended.scope", " | ".join(SCOPES), rec["scope"])
             layers = rec.get("layers")
@@ -197,13 +215,14 @@ class SteeringVector:
     def _combine(self, other: "SteeringVector", sign: float) -> "SteeringVector":
         if not isinstance(other, SteeringVector):
             return NotImplemented
-        if "task" in (self.kind, other.kind):
-            raise VectorFileError(
-                "task vectors cannot be added with + / -",
-                expected="steering directions",
-                found="a task vector (weight deltas)",
-                fix="apply them one after the other (steer.vectors.task.apply_task_vector)",
-            )
+        for v in (self, other):
+            if not _layout(v.kind).addable:
+                raise VectorFileError(
+                    f"{v.kind} vectors cannot be added with + / -",
+                    expected="steering directions",
+                    found=f"a {v.kind} vector",
+                    fix="apply them one after the other (e.g. steer.vectors.task.apply_task_vector)",
+                )
         if self.hidden_size != other.hidden_size:
             raise ModelMismatchError(
                 "cannot add vectors of different widths",
@@ -244,9 +263,7 @@ class SteeringVector:
                 fix="pass a finite scale",
             )
         meta = {k: v for k, v in self.meta.items() if k != "norms"}
-        extra = dict(self.extra)
-        if self.kind == "task":  # τ lives in extra: scale dense deltas and the `.up` factor of low-rank ones
-            extra = {k: v * scale if k.startswith("task.") and not k.endswith(".down") else v for k, v in extra.items()}
+        extra = _layout(self.kind).scale_extra(dict(self.extra), scale)  # e.g. τ lives in a task vector's extra
         return SteeringVector({k: v * scale for k, v in self.directions.items()}, meta, self.condition_direction, extra)
 
     __rmul__ = __mul__
@@ -255,24 +272,10 @@ class SteeringVector:
         return self * -1.0
 
     # ------------------------------------------------------------------ model checks
-    def check_model(self, fp: dict, *, check_architecture: bool = True, model=None) -> None:
-        """Raise ModelMismatchError unless this vector fits a model with fingerprint ``fp``.
-
-        For task vectors, pass ``model`` to also check every parameter name and shape they touch.
-        """
+    def check_model(self, fp: dict, *, check_architecture: bool = True) -> None:
+        """Raise ModelMismatchError unless this vector fits a model with fingerprint ``fp`` (a kind's own
+        checks, e.g. the parameters a task vector touches, live with the kind: :mod:`steer.kinds`)."""
         src = self.meta.get("model") or {}
-        if model is not None and self.kind == "task":
-            params = dict(model.named_parameters(remove_duplicate=False))
-            for name, info in ((self.meta.get("task") or {}).get("params") or {}).items():
-                found = tuple(params[name].shape) if name in params else None
-                if found != tuple(info["shape"]):
-                    raise ModelMismatchError(
-                        f"the task vector changes parameter {name}, which this model "
-                        + ("lacks" if found is None else "has in another shape"),
-                        expected=f"{name} of shape {tuple(info['shape'])}",
-                        found="no such parameter" if found is None else str(found),
-                        fix="apply the vector to the architecture (and size) it was computed on",
-                    )
         d = self.hidden_size
         if d is not None and d != fp["hidden_size"]:
             raise ModelMismatchError(

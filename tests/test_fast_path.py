@@ -11,9 +11,8 @@ import torch
 from capture import around, greedy
 from tiny_models import D
 
-import steer.hooks
 from steer import Condition
-from steer.kernels import native, use
+from steer.kernels import cpu, native, use
 
 
 @pytest.fixture(autouse=True, params=["aten", "native"])
@@ -103,8 +102,8 @@ def test_gate_closed_rows_stay_exact_and_open_rows_follow(sm, vec, mode):
 def test_decode_steps_take_the_plan_path(sm, vec, mode, monkeypatch):
     """The general op is not called at decode steps (add: not at all): a guard against silent slowdowns."""
     calls = []
-    real = steer.hooks.steer_
-    monkeypatch.setattr(steer.hooks, "steer_", lambda h, *a: (calls.append(h.shape[1]), real(h, *a))[1])
+    real = cpu.cpu_steer_
+    monkeypatch.setattr(cpu, "cpu_steer_", lambda h, *a: (calls.append(h.shape[1]), real(h, *a))[1])
     ids, attn = _batch()
     with sm.steer(vec, layers=[1, 2], mode=mode, alpha=1.0):
         greedy(sm, ids, attn)

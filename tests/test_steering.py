@@ -38,7 +38,7 @@ def test_prompt_length_splits_a_chunk(sm, vec):
     """An explicit prompt length shorter than the chunk steers only the positions past it (generated)."""
     ids, attn = _left_padded()
     with around(sm.layers[1], lambda: sm.steer(vec, alpha=2.0, layers=[1], scope="generated")) as (pre, post, h):
-        h.prompt_length = 3
+        h.begin(3)
         with torch.no_grad():
             sm.model(ids, attention_mask=attn)
     a, b = pre[0], post[0]
@@ -58,7 +58,7 @@ def test_mixed_alpha_rows_match_uniform_batches_and_solo_runs(sm, vec):
     assert mixed[0] == sm.generate([prompts[0]], max_new_tokens=6)[0]  # α = 0 is exactly unsteered
     # logits: a mixed-α batch row equals the same row of a uniform-α batch (fp32, 1e-5)
     texts = sm.format(prompts)
-    enc = sm._encode(texts, chat_applied=True)
+    enc = sm.encode(texts, chat_applied=True)
     with sm.steer(vec, layers=[1, 2]) as h:
         h.set_alphas(alphas)
         with torch.no_grad():

@@ -114,9 +114,9 @@ def test_clamp_per_row_values(sm):
     base = sm.model(IDS).logits
     with clamp_features(sm, vec, features=[5], value=[None, 3.0, -1.0]) as handle:
         rows = sm.model(IDS).logits
-        handle.set_values(3.0)
+        handle.set_alphas(3.0)
         all3 = sm.model(IDS).logits
-        handle.set_values(-1.0)
+        handle.set_alphas(-1.0)
         alln = sm.model(IDS).logits
     assert torch.equal(rows[0], base[0])  # None = row untouched
     assert torch.allclose(rows[1], all3[1], atol=1e-6) and torch.allclose(rows[2], alln[2], atol=1e-6)

@@ -155,6 +155,8 @@ def compute_refusal(
     acts_s = collect(sm, harmless, positions=positions, progress=progress and "harmless activations", **kw)
     diff = diff_in_means(acts_h, acts_s)
     directions = {l: diff[i] for i, l in enumerate(layers)}
+    ref = acts_s.float().mean(0)  # the harmless mean per layer: the reference point of affine ops (ACE)
+    means = {f"mean.{l}": (ref[i].mean(0) if ref.dim() == 3 else ref[i]).contiguous() for i, l in enumerate(layers)}
     if positions == "last":
         last_h, last_s = acts_h, acts_s
     elif positions == "post_instruction":
@@ -268,7 +270,7 @@ def compute_refusal(
             meta["condition"], meta["condition_table"] = cal, table
     from steer.vector import SteeringVector
 
-    return SteeringVector(directions, meta, condition_direction=cond_dir)
+    return SteeringVector(directions, meta, condition_direction=cond_dir, extra=means)
 
 
 def learn_judge(sm, harmful: list[str], harmless: list[str], *, max_new_tokens: int = 12, batch_size: int = 32) -> dict:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from steer.judge import as_judge
+from steer.progress import progress_bar
 from steer.prompts import has_chat_template
 from steer.vector import SteeringVector
 
@@ -123,7 +124,7 @@ def evaluate_candidates(
     kl_rows = [(t, None, 0.0) for t in texts_s]
     for l in candidates:
         kl_rows += [(t, ("ablate", l), 1.0) for t in texts_s]
-    with _Bar(progress, len(gen_rows) + len(kl_rows), "selecting a layer") as bar:
+    with progress_bar(progress, len(gen_rows) + len(kl_rows), "selecting a layer") as bar:
         comps = run_rows(sm, gen_rows, specs, fn=_generator(sm, max_new_tokens), batch_size=batch_size, progress=bar)
         logps = run_rows(sm, kl_rows, specs, fn=_last_logprobs(sm), batch_size=batch_size, progress=bar)
     seen = [r[0] for r in gen_rows]
@@ -197,7 +198,7 @@ def choose_alpha(
     specs = {"add": (layer, direction, "add", [layer], add_scope)}
     texts = sm.format(harmless)
     rows = [(t, "add", float(a)) for a in grid for t in texts]
-    with _Bar(progress, len(rows), "choosing alpha") as bar:
+    with progress_bar(progress, len(rows), "choosing alpha") as bar:
         comps = run_rows(sm, rows, specs, fn=_generator(sm, max_new_tokens), batch_size=batch_size, progress=bar)
     n = len(texts)
     verdicts = as_judge(judge).verdicts([r[0] for r in rows], comps)
@@ -216,31 +217,6 @@ def choose_alpha(
 
 def _rate(flags) -> float:
     return round(sum(flags) / len(flags), 6) if flags else 0.0
-
-
-class _Bar:
-    """A rich progress bar as a context manager whose instance is the ``progress(n)`` callback."""
-
-    def __init__(self, enabled, total: int, label: str):
-        self.enabled, self.total, self.label = bool(enabled), total, label
-        self.p = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import Progress
-
-        self.p = Progress(transient=True)
-        self.task = self.p.add_task(self.label, total=self.total)
-        self.p.start()
-        return self
-
-    def __call__(self, n: int) -> None:
-        self.p.update(self.task, advance=n)
-
-    def __exit__(self, *exc):
-        if self.p is not None:
-            self.p.stop()
 
 
 __all__ = ["candidate_layers", "choose_alpha", "evaluate_candidates", "run_rows"]

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from steer.errors import ModelMismatchError, VectorFileError
-from steer.params import PREFIX, MergedTaskSteering, is_conv1d, task_info
+from steer.params import MergedTaskSteering, is_conv1d, task_info, task_tensors
+from steer.progress import progress_bar
 from steer.vector import SteeringVector
 
 
@@ -172,42 +173,11 @@ def compute_task_vector(
         )
     conv = conv1d_params(base)
     extra, params, skipped = {}, {}, []
-    bar = _bar(progress, len(names))
-    for name in names:
-        delta = pa[name].detach().float().cpu() - pb[name].detach().float().cpu()
-        if not torch.isfinite(delta).all():
-            raise ModelMismatchError(
-                f"parameter {name} differs by NaN or inf",
-                expected="finite weights",
-                found="non-finite entries",
-                fix="check both checkpoints load correctly",
-            )
-        if bar is not None:
-            bar[0].update(bar[1], advance=1)
-        if not delta.any():
-            skipped.append(name)
-            continue
-        kept = delta.numel()
-        if top_k is not None:
-            delta, kept = _top_k(delta, float(top_k))
-        info = {
-            "shape": list(delta.shape),
-            "conv1d": name in conv,
-            "rank": None,
-            "energy": 1.0,
-            "kept": kept,
-            "norm": round(float(delta.norm()), 6),
-        }
-        if rank is not None and delta.dim() == 2:
-            mat = delta.T if info["conv1d"] else delta  # Linear orientation [out, in]
-            up, down, energy = low_rank(mat, int(rank))
-            extra[f"{PREFIX}{name}.up"], extra[f"{PREFIX}{name}.down"] = up, down
-            info.update(rank=int(up.shape[1]), energy=round(energy, 6))
-        else:
-            extra[f"{PREFIX}{name}"] = delta.contiguous()
-        params[name] = info
-    if bar is not None:
-        bar[0].stop()
+    with progress_bar(progress, len(names), "task vector") as advance:
+        for name in names:
+            _one_tensor(name, pa, pb, conv, top_k, rank, extra, params, skipped)
+            if advance is not None:
+                advance(1)
     if not params:
         raise VectorFileError(
             "the two models are identical on every selected parameter",
@@ -279,12 +249,35 @@ def energy_table(vector: SteeringVector, max_rows: int = 60):
     return table
 
 
-def _bar(progress, total):
-    if not progress:
-        return None
-    from rich.progress import Progress
-
-    p = Progress(transient=True)
-    task = p.add_task("task vector", total=total)
-    p.start()
-    return p, task
+def _one_tensor(name, pa, pb, conv, top_k, rank, extra: dict, params: dict, skipped: list) -> None:
+    """τ of one parameter into ``extra`` (dense or low-rank, :func:`steer.params.task_tensors`) and its record."""
+    delta = pa[name].detach().float().cpu() - pb[name].detach().float().cpu()
+    if not torch.isfinite(delta).all():
+        raise ModelMismatchError(
+            f"parameter {name} differs by NaN or inf",
+            expected="finite weights",
+            found="non-finite entries",
+            fix="check both checkpoints load correctly",
+        )
+    if not delta.any():
+        skipped.append(name)
+        return
+    kept = delta.numel()
+    if top_k is not None:
+        delta, kept = _top_k(delta, float(top_k))
+    info = {
+        "shape": list(delta.shape),
+        "conv1d": name in conv,
+        "rank": None,
+        "energy": 1.0,
+        "kept": kept,
+        "norm": round(float(delta.norm()), 6),
+    }
+    if rank is not None and delta.dim() == 2:
+        mat = delta.T if info["conv1d"] else delta  # Linear orientation [out, in]
+        up, down, energy = low_rank(mat, int(rank))
+        extra.update(task_tensors(name, factors=(up, down)))
+        info.update(rank=int(up.shape[1]), energy=round(energy, 6))
+    else:
+        extra.update(task_tensors(name, dense=delta))
+    params[name] = info

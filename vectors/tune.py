@@ -42,6 +42,7 @@ from steer.config import SCOPES, check_alpha
 from steer.errors import ConfigError
 from steer.evaluate import evaluate, report_to_json
 from steer.judge import make_judge
+from steer.kinds import kind_for
 from steer.vector import SteeringVector
 
 from .condition import score_layer
@@ -259,7 +260,7 @@ def tune(
             found=f"{len(harmful)} harmful, {len(harmless)} harmless",
             fix="pass both prompt files",
         )
-    if vector.kind == "task":  # weights, not a layer's activations: α through the per-request parameter path
+    if not kind_for(vector).per_layer:  # e.g. task vectors: α through the per-request parameter path
         layer_sets, modes, scopes = [None], ("per_request",), (None,)
     else:
         layer_sets = layers or default_layers(sm, vector)

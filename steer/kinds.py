@@ -1,0 +1,154 @@
+"""The kind table: which handle applies a vector, looked up by the vector's kind and the requested mode, and
+the :class:`SteeringHandle` protocol every handle keeps. Organised like PEFT's tuner registry: one module per
+kind, one table that maps to it, no string branches elsewhere.
+
+=====================  ==========================  =====================  ==============================
+entry                  vector kinds                modes                  handle (module)
+=====================  ==========================  =====================  ==============================
+``activation``         refusal, sae, custom        the ops, conditional   :class:`steer.hooks.Steering`
+``task_per_request``   task                        per_request (default)  :class:`steer.lowrank.TaskSteering`
+``task_merged``        task                        merged                 :class:`steer.params.MergedTaskSteering`
+``sae_clamp``          sae                         clamp                  :class:`steer.sae_clamp.FeatureClamp`
+=====================  ==========================  =====================  ==============================
+
+``resolve`` (:mod:`steer.resolve`) validates everything and settles every choice without touching the model;
+``attach`` registers hooks (or writes weights) from the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from .errors import ConfigError
+from .ops import OPS
+from .resolve import Resolved, resolve_activation, resolve_clamp, resolve_task
+
+
+@runtime_checkable
+class SteeringHandle(Protocol):
+    """A live intervention. ``with sm.steer(vec) as h:`` … ``h.begin(prompt_length)`` before each new batch of
+    requests (the padded prompt length; None lets the handle infer it at prefill), ``h.set_alphas([...])``
+    one strength per batch row (0 = that row unsteered; for an SAE clamp the clamp value, None = unclamped),
+    ``h.remove()`` takes everything off (idempotent; also on leaving the ``with``, errors included)."""
+
+    alpha: float
+
+    @property
+    def active(self) -> bool: ...
+
+    def set_alphas(self, alphas) -> None: ...
+
+    def begin(self, prompt_length: int | None = None) -> None: ...
+
+    def remove(self) -> None: ...
+
+    def __enter__(self): ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One entry of the table. ``modes()``: the modes it takes (None: the default when no mode is asked);
+    ``per_layer``: it steers chosen layers' activations, so layer sets, scopes and sites apply to it."""
+
+    name: str
+    vector_kinds: tuple[str, ...]
+    modes: Callable[[], tuple]
+    resolve: Callable[..., Resolved]
+    attach: Callable[..., SteeringHandle]
+    per_layer: bool
+
+
+def _steering(model, res: Resolved):
+    from .hooks import Steering
+
+    return Steering.from_resolved(model, res)
+
+
+def _task(cls_path: str):
+    def attach(model, res: Resolved):
+        import importlib
+
+        module, name = cls_path.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)(model, res.vector, res.alpha)
+
+    return attach
+
+
+def _clamp(model, res: Resolved):
+    from .sae_clamp import FeatureClamp, SAEWeights
+
+    return FeatureClamp(
+        model,
+        SAEWeights.from_vector(res.vector),
+        list(res.features),
+        res.alpha,
+        layers=list(res.layers),
+        site=res.site,
+        layers_path=res.layers_path,
+    )
+
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind(
+            "activation",
+            ("refusal", "sae", "custom"),
+            lambda: (None, *OPS, "conditional"),
+            resolve_activation,
+            _steering,
+            per_layer=True,
+        ),
+        Kind(
+            "task_per_request",
+            ("task",),
+            lambda: (None, "per_request"),
+            resolve_task,
+            _task("steer.lowrank.TaskSteering"),
+            per_layer=False,
+        ),
+        Kind(
+            "task_merged",
+            ("task",),
+            lambda: ("merged", "merge"),
+            resolve_task,
+            _task("steer.params.MergedTaskSteering"),
+            per_layer=False,
+        ),
+        Kind("sae_clamp", ("sae",), lambda: ("clamp",), resolve_clamp, _clamp, per_layer=False),
+    )
+}
+
+
+def _layouts() -> dict:
+    from .params import TASK_LAYOUT
+
+    return {"task": TASK_LAYOUT}
+
+
+LAYOUTS = _layouts()  # vector kind -> how its extra tensors behave under arithmetic (steer.vector.ExtraLayout)
+
+
+def kind_for(vector, mode: str | None = None) -> Kind:
+    """The table entry that applies ``vector`` in ``mode`` (None: its default); ConfigError naming the modes
+    this vector's kind takes otherwise."""
+    takes = [k for k in KINDS.values() if vector.kind in k.vector_kinds]
+    for k in takes:
+        if mode in k.modes():
+            return k
+    modes = [m for k in takes for m in k.modes() if m is not None]
+    raise ConfigError(
+        f"a vector of kind {vector.kind!r} cannot be applied in mode {mode!r}",
+        expected=" | ".join(dict.fromkeys(modes)) or "a known vector kind",
+        found=repr(mode),
+        fix="pick one of those modes (or leave the mode unset for the vector's default)",
+    )
+
+
+def attach(model, res: Resolved) -> SteeringHandle:
+    """Attach a resolved steering (hooks or weights); the handle is a context manager."""
+    return KINDS[res.kind].attach(model, res)

@@ -1,0 +1,237 @@
+"""Resolve before attaching: ``resolve(config, vector, model) -> Resolved`` settles every choice (the kind's
+handle, op, layers, α, scope, site, condition) from the config, the vector file's recommendations and the
+defaults, validates all of it against the model, and prepares the op's operands, without touching the model
+or the caller's objects (the condition is copied, never edited). Attaching a :class:`Resolved` only moves
+tensors to devices and registers hooks, so an error can no longer happen half-way through.
+
+Precedence for every field: the config (``SteeringConfig`` / keyword overrides), then the vector's
+``recommended``, then its metadata (``op``, ``scope``, ``site``), then the defaults in :mod:`steer.config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import Condition, SteeringConfig, check_alpha
+from .errors import ConfigError, LayerError, VectorFileError
+from .layers import check_layers, fingerprint, get_layers
+from .ops import Op, get_op
+from .vector import SteeringVector
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Everything a handle needs, validated. ``kind`` names the entry of :data:`steer.kinds.KINDS`."""
+
+    kind: str
+    alpha: float
+    vector: SteeringVector
+    mode: str | None = None  # activation: the op's name; task: "merged" | "per_request"; SAE: "clamp"
+    op: Op | None = None
+    layers: tuple[int, ...] = ()
+    scope: str = "all"
+    site: str = "output"
+    condition: Condition | None = None
+    operands: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [M, d] fp32 (CPU)
+    n_ablate: int = 0
+    features: tuple[int, ...] = ()  # SAE clamp
+    layers_path: str | None = None
+
+
+def resolve(
+    config: SteeringConfig | None,
+    vector: SteeringVector | str | Path,
+    model: nn.Module,
+    *,
+    layers_path: str | None = None,
+    check_architecture: bool = True,
+) -> Resolved:
+    """Validate ``config`` + ``vector`` against ``model`` and settle every choice (see module docstring)."""
+    from .kinds import kind_for
+
+    config = config if config is not None else SteeringConfig()
+    if not isinstance(vector, SteeringVector):
+        vector = SteeringVector.load(vector)
+    kind = kind_for(vector, config.mode)
+    return kind.resolve(config, vector, model, layers_path, check_architecture)
+
+
+# ----------------------------------------------------------------------------------- activation steering
+def resolve_activation(
+    config: SteeringConfig, vector: SteeringVector, model: nn.Module, layers_path, check_architecture
+) -> Resolved:
+    blocks = get_layers(model, layers_path)
+    fp = fingerprint(model, layers_path)
+    vector.check_model(fp, check_architecture=check_architecture)
+    rec = vector.recommended
+    mode = config.mode or rec.get("mode") or vector.meta.get("op") or "add"
+    base = vector.meta.get("op") or "add"
+    op = get_op(base if mode == "conditional" else mode)
+    scope = config.scope or rec.get("scope") or vector.meta.get("scope") or "all"
+    site = config.site or vector.meta.get("site") or "output"
+    layers = tuple(check_layers(config.layers or rec.get("layers") or vector.layers, len(blocks)))
+    alpha = check_alpha(config.alpha if config.alpha is not None else rec.get("alpha", 1.0))
+    source = config.source_layer if config.source_layer is not None else rec.get("source_layer")
+    condition = config.condition or (_vector_condition(vector) if mode == "conditional" else None)
+    if condition is not None:
+        condition = dataclasses.replace(condition, layer=check_layers([condition.layer], len(blocks))[0])
+        if condition.direction.shape[-1] != fp["hidden_size"]:
+            raise ConfigError(
+                "condition direction has the wrong width",
+                expected=f"[{fp['hidden_size']}]",
+                found=str(tuple(condition.direction.shape)),
+                fix="use a condition computed on this model",
+            )
+        first = min(layers) - (1 if site == "input" else 0)
+        if scope != "generated" and condition.layer > first:
+            raise ConfigError(
+                "the condition is read after the first steered activation of the prompt",
+                expected=f"condition layer <= {first} (first steered {site} of layer {min(layers)})",
+                found=f"condition layer {condition.layer}",
+                fix="steer later layers, read the condition earlier, or use scope='generated'",
+            )
+    operands, shapes, n_ablate = {}, set(), 0
+    for layer in layers:
+        key = source if source is not None else layer
+        d = _pick_direction(vector, key).reshape(-1, fp["hidden_size"]).float()
+        if op.nonzero and bool((d.norm(dim=-1) == 0).any()):
+            raise ConfigError(
+                f"layer {layer}: op {op.name!r} needs non-zero directions",
+                expected="non-zero directions",
+                found="a direction of norm 0",
+                fix="use mode='add' or a non-zero vector",
+            )
+        extras = {name: _extra(vector, name, key, op) for name in op.needs}
+        vecs, n_ablate = op.prepare(d, extras)
+        operands[layer] = vecs.contiguous()
+        shapes.add((vecs.shape[0], n_ablate))
+    if len(shapes) > 1:
+        raise ConfigError(
+            "layers carry different numbers of directions",
+            expected="the same [k, d] shape at every steered layer",
+            found=str(sorted(shapes)),
+            fix="steer layers whose directions have the same shape",
+        )
+    return Resolved(
+        kind="activation",
+        alpha=alpha,
+        vector=vector,
+        mode=op.name,
+        op=op,
+        layers=layers,
+        scope=scope,
+        site=site,
+        condition=condition,
+        operands=operands,
+        n_ablate=n_ablate,
+        layers_path=layers_path,
+    )
+
+
+def _vector_condition(vector: SteeringVector) -> Condition:
+    cond = vector.condition
+    if not cond or vector.condition_direction is None:
+        raise ConfigError(
+            "conditional mode needs a condition",
+            expected="a vector file with a condition (layer, threshold, condition.direction)",
+            found="none in this vector",
+            fix="compute one with `steer vectors refusal` or `steer tune`, or pass condition=",
+        )
+    return Condition(
+        layer=int(cond["layer"]),
+        direction=vector.condition_direction,
+        threshold=cond["threshold"],
+        reduce=cond.get("reduce", "last"),
+        comparator=cond.get("comparator", ">"),
+    )
+
+
+def _pick_direction(vector: SteeringVector, key: int) -> torch.Tensor:
+    if key in vector.directions:
+        return vector.directions[key]
+    if len(vector.directions) == 1:
+        return next(iter(vector.directions.values()))
+    raise LayerError(
+        f"the vector has no direction for layer {key}",
+        expected=f"one of {vector.layers}",
+        found=str(key),
+        fix="steer layers the vector has, or pass source_layer=N to use layer N's direction at every steered layer",
+    )
+
+
+def _extra(vector: SteeringVector, name: str, layer: int, op: Op) -> torch.Tensor:
+    t = vector.extra.get(f"{name}.{layer}")
+    if t is None:
+        raise VectorFileError(
+            f"op {op.name!r} needs the vector's {name!r} at layer {layer}",
+            expected=f"extra.{name}.{layer} in the vector file",
+            found="none" + (f" (the file has {sorted(vector.extra)[:4]})" if vector.extra else ""),
+            fix="recompute the vector with `steer vectors refusal` (it stores the reference means), or use another op",
+        )
+    return t
+
+
+# ----------------------------------------------------------------------------------- task vectors
+def resolve_task(config: SteeringConfig, vector: SteeringVector, model: nn.Module, layers_path, check_arch):
+    from .params import check_task_model
+
+    unused = [k for k in ("layers", "scope", "site", "source_layer", "condition") if getattr(config, k) is not None]
+    if unused:
+        raise ConfigError(
+            "task vectors change weights, not one layer's activations",
+            expected="only alpha= and mode= ('merged' or per-request)",
+            found=f"{', '.join(unused)} given",
+            fix="drop those options for a task vector",
+        )
+    check_task_model(vector, model)
+    alpha = check_alpha(config.alpha if config.alpha is not None else vector.recommended.get("alpha", 1.0))
+    mode = "merged" if config.mode in ("merged", "merge") else "per_request"
+    return Resolved(kind=f"task_{mode}", alpha=alpha, vector=vector, mode=mode)
+
+
+# ----------------------------------------------------------------------------------- SAE clamp
+def resolve_clamp(config: SteeringConfig, vector: SteeringVector, model: nn.Module, layers_path, check_arch):
+    from .sae_clamp import SAEWeights, check_features
+
+    unused = [k for k in ("scope", "source_layer", "condition") if getattr(config, k) is not None]
+    if unused:
+        raise ConfigError(
+            "an SAE clamp sets feature activations at its layers",
+            expected="alpha= (the clamp value), layers=, site= and extra={'features': [...]}",
+            found=f"{', '.join(unused)} given",
+            fix="drop those options for a clamp",
+        )
+    sae = SAEWeights.from_vector(vector)
+    fp = fingerprint(model, layers_path)
+    vector.check_model(fp, check_architecture=check_arch)
+    info = vector.meta.get("sae") or {}
+    features = config.extra.get("features")
+    if features is None:
+        top = info.get("features") or []
+        if not top:
+            raise ConfigError(
+                "no features given",
+                expected="extra={'features': [ids]}",
+                found="none in the vector",
+                fix="pass the feature ids to clamp",
+            )
+        features = [int(top[0]["id"])]
+    features = check_features(features, sae, fp["hidden_size"])
+    layers = config.layers or ([int(info["layer"])] if "layer" in info else vector.layers)
+    site = config.site or info.get("site") or vector.meta.get("site", "output")
+    alpha = check_alpha(config.alpha if config.alpha is not None else vector.recommended.get("alpha", 0.0))
+    return Resolved(
+        kind="sae_clamp",
+        alpha=alpha,
+        vector=vector,
+        mode="clamp",
+        layers=tuple(check_layers(list(layers), fp["num_layers"])),
+        site=site,
+        features=tuple(features),
+        layers_path=layers_path,
+    )
