@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 
+_F32, _grad_enabled = torch.float32, torch.is_grad_enabled
+
+
 class Plan:
     """Operands the CPU path derives from ``(vecs, n_ablate)`` once and from ``coef`` on every change.
 
@@ -104,24 +107,29 @@ class Plan:
         ``decode``: the caller knows T == 1 (a decode step), which lets the hot path skip reading h's shape;
         ``eager``: not traced by ``torch.compile`` (None: ask torch). Any dtype, strides, mask or autograd.
         """
-        if mask is None and not (h.requires_grad and torch.is_grad_enabled()):
+        if mask is None and not (h.requires_grad and _grad_enabled()):
             if self.n_ablate == 0:  # + sum_k alpha_k v_k, any T and dtype: one add_
                 return h if self.bias is None else h.add_(self.bias)
-            if h.dtype is torch.float32 and self.apply_(h, decode, eager):
-                return h
+            if h.dtype is _F32:
+                native = self.native  # a decode step in one native call (False: not plain [B, 1, d]; ATen runs)
+                if decode and eager and native is not None and native(h, self.R, self.beta, self.bias):
+                    return h
+                if self.apply_(h, decode, eager, native=False):
+                    return h
         return cpu_steer_(h, self.vecs, self.coef, self.n_ablate, mask)
 
-    def apply_(self, h: torch.Tensor, one_token: bool, eager: bool | None = None) -> bool:
+    def apply_(self, h: torch.Tensor, one_token: bool, eager: bool | None = None, native: bool = True) -> bool:
         """Ablation (+ addition) in place on fp32 ``h`` [rows, T, d], no token mask; ``one_token``: T == 1.
 
         The caller says whether this is a one-token (decode) step, and may say whether it runs eagerly (not
-        traced by ``torch.compile``; None: ask torch). Returns False, changing nothing, when ``h`` has another
-        number of rows or strides that cannot be flattened; the general path then runs.
+        traced by ``torch.compile``; None: ask torch); ``native=False`` skips the native op (:meth:`steer_` tried
+        it already). Returns False, changing nothing, when ``h`` has another number of rows or strides that
+        cannot be flattened; the general path then runs.
         """
         if one_token:
             if eager is None:
                 eager = not torch.compiler.is_compiling()
-            if eager and self.native is not None and self.native(h, self.R, self.beta, self.bias):
+            if eager and native and self.native is not None and self.native(h, self.R, self.beta, self.bias):
                 return True  # one native call (False: not applicable)
             try:
                 x = h.view(self.rows, self.d)  # raises unless h is [rows, 1, d] and flattens

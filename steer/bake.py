@@ -154,13 +154,24 @@ def orthogonalize(model: nn.Module, vector: SteeringVector, source_layer: int | 
 def bake(
     sm, vector: SteeringVector, *, alpha: float | None = None, mode: str | None = None, source_layer: int | None = None
 ) -> dict:
-    """Bake ``vector`` into ``sm.model`` in place (see module docstring); return a summary dict."""
-    if vector.kind == "task":
-        a = alpha if alpha is not None else vector.recommended.get("alpha", 1.0)
-        handle = MergedTaskSteering(sm.model, vector, a)
-        names = handle.param_names
-        handle._entries.clear()  # keep the merged weights: drop θ₀ without restoring
-        return {"kind": "task", "alpha": handle.alpha, "tensors": names}
+    """Bake ``vector`` into ``sm.model`` in place (see module docstring); return a summary dict. The vector's
+    kind says how (:func:`steer.kinds.bakeable`): task vectors merge, directions are orthogonalised away."""
+    from .kinds import bakeable
+
+    return bakeable(vector).bake(sm, vector, alpha=alpha, mode=mode, source_layer=source_layer)
+
+
+def bake_task(sm, vector: SteeringVector, *, alpha=None, mode=None, source_layer=None) -> dict:
+    """θ₀ + α·τ written into the weights for good (merged mode without the restore)."""
+    a = alpha if alpha is not None else vector.recommended.get("alpha", 1.0)
+    handle = MergedTaskSteering(sm.model, vector, a)
+    names = handle.param_names
+    handle._entries.clear()  # keep the merged weights: drop θ₀ without restoring
+    return {"kind": "task", "alpha": handle.alpha, "tensors": names}
+
+
+def bake_ablation(sm, vector: SteeringVector, *, alpha=None, mode=None, source_layer=None) -> dict:
+    """A direction ablation orthogonalised into every matrix that writes the residual stream."""
     op = mode or vector.recommended.get("mode") or vector.meta.get("op")
     if op != "ablate":
         raise ConfigError(

@@ -281,8 +281,8 @@ class Steering(HookSet):
             if self._skip:
                 return None
             h = output if type(output) is tensor else output[0]
-            mask = None if self._mask is None else self._mask_on(dev)
-            if grad_enabled() and h.requires_grad:
+            mask = self._mask if self._mask is None else self._mask_on(dev)
+            if h.requires_grad and grad_enabled():
                 return _replace_hidden(output, plan.steer_(h.clone(), mask, False, self._eager))
             plan.steer_(h, mask, self._decode, self._eager)
             return None

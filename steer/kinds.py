@@ -52,7 +52,8 @@ class SteeringHandle(Protocol):
 @dataclass(frozen=True)
 class Kind:
     """One entry of the table. ``modes()``: the modes it takes (None: the default when no mode is asked);
-    ``per_layer``: it steers chosen layers' activations, so layer sets, scopes and sites apply to it."""
+    ``per_layer``: it steers chosen layers' activations, so layer sets, scopes and sites apply to it;
+    ``bake``: how ``steer bake`` writes this kind into the weights for good (None: it cannot be baked)."""
 
     name: str
     vector_kinds: tuple[str, ...]
@@ -60,6 +61,7 @@ class Kind:
     resolve: Callable[..., Resolved]
     attach: Callable[..., SteeringHandle]
     per_layer: bool
+    bake: Callable[..., dict] | None = None
 
 
 def _steering(model, res: Resolved):
@@ -76,6 +78,12 @@ def _task(cls_path: str):
         return getattr(importlib.import_module(module), name)(model, res.vector, res.alpha)
 
     return attach
+
+
+def _baker(name: str):
+    from . import bake
+
+    return getattr(bake, name)
 
 
 def _clamp(model, res: Resolved):
@@ -102,6 +110,7 @@ KINDS: dict[str, Kind] = {
             resolve_activation,
             _steering,
             per_layer=True,
+            bake=lambda *a, **k: _baker("bake_ablation")(*a, **k),
         ),
         Kind(
             "task_per_request",
@@ -118,6 +127,7 @@ KINDS: dict[str, Kind] = {
             resolve_task,
             _task("steer.params.MergedTaskSteering"),
             per_layer=False,
+            bake=lambda *a, **k: _baker("bake_task")(*a, **k),
         ),
         Kind("sae_clamp", ("sae",), lambda: ("clamp",), resolve_clamp, _clamp, per_layer=False),
     )
@@ -146,6 +156,19 @@ def kind_for(vector, mode: str | None = None) -> Kind:
         expected=" | ".join(dict.fromkeys(modes)) or "a known vector kind",
         found=repr(mode),
         fix="pick one of those modes (or leave the mode unset for the vector's default)",
+    )
+
+
+def bakeable(vector) -> Kind:
+    """The entry that can write ``vector`` into the weights (ConfigError naming what can be baked otherwise)."""
+    for k in KINDS.values():
+        if vector.kind in k.vector_kinds and k.bake is not None:
+            return k
+    raise ConfigError(
+        f"a vector of kind {vector.kind!r} cannot be baked into weights",
+        expected="a task vector, or directions to ablate (--mode ablate)",
+        found=f"kind {vector.kind!r}",
+        fix="steer at run time with `steer generate --vector` instead",
     )
 
 
