@@ -29,7 +29,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 _F32, _grad_enabled = torch.float32, torch.is_grad_enabled
 
 
@@ -111,26 +110,26 @@ class Plan:
             if self.n_ablate == 0:  # + sum_k alpha_k v_k, any T and dtype: one add_
                 return h if self.bias is None else h.add_(self.bias)
             if h.dtype is _F32:
+                if eager is None:
+                    eager = not torch.compiler.is_compiling()
                 native = self.native  # a decode step in one native call (False: not plain [B, 1, d]; ATen runs)
                 if decode and eager and native is not None and native(h, self.R, self.beta, self.bias):
                     return h
-                if self.apply_(h, decode, eager, native=False):
+                if self.apply_(h, decode, eager):
                     return h
         return cpu_steer_(h, self.vecs, self.coef, self.n_ablate, mask)
 
-    def apply_(self, h: torch.Tensor, one_token: bool, eager: bool | None = None, native: bool = True) -> bool:
-        """Ablation (+ addition) in place on fp32 ``h`` [rows, T, d], no token mask; ``one_token``: T == 1.
+    def apply_(self, h: torch.Tensor, one_token: bool, eager: bool | None = None) -> bool:
+        """The ATen form of ablation (+ addition), in place on fp32 ``h`` [rows, T, d], no token mask;
+        ``one_token``: T == 1. (:meth:`steer_` is the entry point; it tries the native op first.)
 
         The caller says whether this is a one-token (decode) step, and may say whether it runs eagerly (not
-        traced by ``torch.compile``; None: ask torch); ``native=False`` skips the native op (:meth:`steer_` tried
-        it already). Returns False, changing nothing, when ``h`` has another number of rows or strides that
-        cannot be flattened; the general path then runs.
+        traced by ``torch.compile``; None: ask torch). Returns False, changing nothing, when ``h`` has another
+        number of rows or strides that cannot be flattened; the general path then runs.
         """
         if one_token:
             if eager is None:
                 eager = not torch.compiler.is_compiling()
-            if eager and native and self.native is not None and self.native(h, self.R, self.beta, self.bias):
-                return True  # one native call (False: not applicable)
             try:
                 x = h.view(self.rows, self.d)  # raises unless h is [rows, 1, d] and flattens
             except RuntimeError:
@@ -189,11 +188,8 @@ def cpu_steer_(
     ``plan``: a :class:`Plan` of these ``vecs``/``n_ablate``, updated with this ``coef`` (optional).
     """
     B, T, d = h.shape
-    if plan is not None and mask is None and not (h.requires_grad and torch.is_grad_enabled()):
-        if n_ablate == 0:  # + sum_k alpha_k v_k, any T and dtype
-            return h if plan.bias is None else h.add_(plan.bias)
-        if h.dtype == torch.float32 and plan.apply_(h, T == 1):
-            return h
+    if plan is not None:  # the plan's entry point (updated with this coef by the caller)
+        return plan.steer_(h, mask, T == 1)
     if n_ablate == 0 and mask is None:
         # add only: one tiny GEMM for sum_k alpha_k v_k per row, one in-place add that computes in fp32 (type
         # promotion) and casts once for half dtypes

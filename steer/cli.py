@@ -428,7 +428,7 @@ def bake(
     save_baked(sm, out, summary)
     what = (
         f"task vector x {summary['alpha']} merged into {len(summary['tensors'])} tensors"
-        if summary["kind"] == "task"
+        if "tensors" in summary
         else f"direction ablated from {len(summary['modules'])} residual writers"
     )
     typer.echo(f"wrote {out}: {what}")

@@ -84,7 +84,7 @@ class Steering(HookSet):
         check_architecture: bool = True,
     ):
         res = resolve(config, vector, model, layers_path=layers_path, check_architecture=check_architecture)
-        if res.kind != "activation":
+        if res.op is None:  # only activation steering resolves to an op
             raise ConfigError(
                 "Steering applies activation steering",
                 expected="a vector of directions (refusal, sae, custom) in an op's mode",

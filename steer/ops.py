@@ -18,7 +18,9 @@ The contract every op keeps (``tests/test_ops.py`` runs it against each register
 checked too): a row whose coefficients are all zero is left bit-exactly unchanged (per-request α = 0 and a
 closed conditional gate, which multiplies the row's coefficients by 0, rely on it), and the fused plan
 agrees with the reference within fp32 rounding. For ``ablate_add`` and ``ace`` the ablation strength of a
-row is ``α != 0``, so α = 0 means "this request is not steered", as for every op.
+row is ``α != 0``, so α = 0 means "this request is not steered", as for every op. ACE's own α = 0 (the affine
+ablation alone, which removes the concept in Marshall et al.) is therefore the limit α → 0⁺: pass a tiny α such
+as 1e-6 (the added α·v is then negligible).
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def resolve(
     if not isinstance(vector, SteeringVector):
         vector = SteeringVector.load(vector)
     kind = kind_for(vector, config.mode)
-    return kind.resolve(config, vector, model, layers_path, check_architecture)
+    return dataclasses.replace(kind.resolve(config, vector, model, layers_path, check_architecture), kind=kind.name)
 
 
 # ----------------------------------------------------------------------------------- activation steering
@@ -106,7 +106,7 @@ def resolve_activation(
                 found="a direction of norm 0",
                 fix="use mode='add' or a non-zero vector",
             )
-        extras = {name: _extra(vector, name, key, op) for name in op.needs}
+        extras = {name: _extra(vector, name, (layer, key), op) for name in op.needs}
         vecs, n_ablate = op.prepare(d, extras)
         operands[layer] = vecs.contiguous()
         shapes.add((vecs.shape[0], n_ablate))
@@ -164,16 +164,23 @@ def _pick_direction(vector: SteeringVector, key: int) -> torch.Tensor:
     )
 
 
-def _extra(vector: SteeringVector, name: str, layer: int, op: Op) -> torch.Tensor:
-    t = vector.extra.get(f"{name}.{layer}")
-    if t is None:
-        raise VectorFileError(
-            f"op {op.name!r} needs the vector's {name!r} at layer {layer}",
-            expected=f"extra.{name}.{layer} in the vector file",
-            found="none" + (f" (the file has {sorted(vector.extra)[:4]})" if vector.extra else ""),
-            fix="recompute the vector with `steer vectors refusal` (it stores the reference means), or use another op",
-        )
-    return t
+def _extra(vector: SteeringVector, name: str, layers: tuple[int, int], op: Op) -> torch.Tensor:
+    """The per-layer tensor ``name`` at the steered layer (it lives in that layer's space), else at the source
+    layer the direction came from, else the file's only one."""
+    for layer in layers:
+        t = vector.extra.get(f"{name}.{layer}")
+        if t is not None:
+            return t
+    only = [v for k, v in vector.extra.items() if k.rpartition(".")[0] == name]
+    if len(only) == 1:
+        return only[0]
+    layer = layers[0]
+    raise VectorFileError(
+        f"op {op.name!r} needs the vector's {name!r} at layer {layer}",
+        expected=f"extra.{name}.{layer} in the vector file",
+        found="none" + (f" (the file has {sorted(vector.extra)[:4]})" if vector.extra else ""),
+        fix="recompute the vector with `steer vectors refusal` (it stores the reference means), or use another op",
+    )
 
 
 # ----------------------------------------------------------------------------------- task vectors
@@ -190,8 +197,7 @@ def resolve_task(config: SteeringConfig, vector: SteeringVector, model: nn.Modul
         )
     check_task_model(vector, model)
     alpha = check_alpha(config.alpha if config.alpha is not None else vector.recommended.get("alpha", 1.0))
-    mode = "merged" if config.mode in ("merged", "merge") else "per_request"
-    return Resolved(kind=f"task_{mode}", alpha=alpha, vector=vector, mode=mode)
+    return Resolved(kind="task", alpha=alpha, vector=vector, mode=config.mode)  # kind: the table's entry
 
 
 # ----------------------------------------------------------------------------------- SAE clamp
@@ -224,7 +230,7 @@ def resolve_clamp(config: SteeringConfig, vector: SteeringVector, model: nn.Modu
     features = check_features(features, sae, fp["hidden_size"])
     layers = config.layers or ([int(info["layer"])] if "layer" in info else vector.layers)
     site = config.site or info.get("site") or vector.meta.get("site", "output")
-    alpha = check_alpha(config.alpha if config.alpha is not None else vector.recommended.get("alpha", 0.0))
+    alpha = check_alpha(config.alpha if config.alpha is not None else 0.0)  # a clamp value, not an α to add
     return Resolved(
         kind="sae_clamp",
         alpha=alpha,

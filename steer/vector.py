@@ -145,7 +145,7 @@ class SteeringVector:
         if rec is not None:
             if not isinstance(rec, dict):
                 bad("recommended", "an object", rec)
-            modes = known_modes()
+            modes = tuple(m for m in known_modes() if m != "clamp")  # a clamp is asked for, never recommended
             if rec.get("mode") not in (None, *modes):
                 bad("recommended.mode", " | ".join(modes), rec["mode"])
             if rec.get("scope") not in (None, *SCOPES):

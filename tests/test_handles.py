@@ -86,7 +86,12 @@ def test_resolve_is_pure(sm):
     config = SteeringConfig(layers=[LAYER], mode="add", condition=cond, alpha=2.0)
     vec = SteeringVector({LAYER: torch.randn(D)})
     before = (dict(vars(config)), dict(vars(cond)), dict(vec.meta))
+    tensors = [t.clone() for t in (cond.direction, *vec.directions.values())]
+    params = [p.detach().clone() for p in sm.model.parameters()]
     res = resolve(config, vec, sm.model)
+    now = [cond.direction, *vec.directions.values()]
+    assert all(torch.equal(a, b) for a, b in zip(tensors, now))  # no tensor edited in place
+    assert all(torch.equal(a, b) for a, b in zip(params, sm.model.parameters()))
     assert (res.kind, res.mode, res.layers, res.alpha, res.scope, res.site) == (
         "activation",
         "add",

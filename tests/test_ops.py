@@ -11,7 +11,7 @@ from capture import assert_unhooked
 from tiny_models import D, tiny_model, tiny_tokenizer
 
 import steer.kernels as K
-from steer import SteeredModel, SteeringVector
+from steer import Condition, SteeredModel, SteeringVector
 from steer.errors import ConfigError, VectorFileError
 from steer.kernels.angular import reference_rotate_, rotate_
 from steer.ops import OPS, Op, get_op, register_op
@@ -187,3 +187,64 @@ def test_user_op_through_the_runtime(sm, exact_and_one_thread):
     finally:
         OPS.pop("double_add")
     assert_unhooked(sm.model, sm.layers)
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_gate_closed_rows_exact_open_rows_reference(name, impl):
+    """Every op under the CAST gate, through the kernel a hook really uses: rows whose gate stays closed are
+    bit-exact, open rows equal the op's reference on the unsteered output (fp32, 1e-5)."""
+    torch.set_num_threads(1)
+    model = tiny_model("llama")
+    sm = SteeredModel(model, tiny_tokenizer())
+    g = torch.Generator().manual_seed(6)
+    vec = SteeringVector({2: torch.randn(D, generator=g) * 2}, {}, None, {"mean.2": torch.randn(D, generator=g)})
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16], [17, 18, 19, 20]])
+    base = _capture(sm, 2, ids)
+    gate_h = _capture(sm, 1, ids)[:, -1]
+    cdir = torch.randn(D, generator=g)
+    scores = gate_h @ (cdir / cdir.norm())
+    cond = Condition(layer=1, direction=cdir, threshold=float(scores.median()))
+    opened = scores > cond.threshold
+    assert 0 < int(opened.sum()) < 4
+    with K.using(impl), sm.steer(vec, mode=name, layers=[2], condition=cond) as handle:
+        handle.set_alphas([0.7, 0.7, -0.4, 0.9])
+        steered = _capture(sm, 2, ids)
+    op = get_op(name)
+    vecs, j = op.prepare(vec.directions[2][None].float(), {"mean": vec.extra["mean.2"]})
+    want = op.reference(base.clone(), vecs, op.coefficients(torch.tensor([0.7, 0.7, -0.4, 0.9]), j, vecs.shape[0]), j)
+    for row in range(4):
+        if opened[row]:
+            torch.testing.assert_close(steered[row], want[row], rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(steered[row], base[row])
+
+
+def test_angular_near_the_direction():
+    """Tokens within 1e-3 and 1e-4 rad of ±r̂: the fused path agrees with the reference and keeps the norm; at
+    1e-6 rad (below fp32's resolution of the plane) the token counts as parallel and both leave it unchanged."""
+    g = torch.Generator().manual_seed(7)
+    r = torch.randn(D, generator=g, dtype=torch.float64)
+    r = r / r.norm()
+    u = torch.randn(D, generator=g, dtype=torch.float64)
+    u = u - (u @ r) * r
+    u = u / u.norm()
+    toks = [s * (math.cos(e) * r + math.sin(e) * u) * 7 for e in (1e-3, 1e-4) for s in (1, -1)]
+    h = torch.stack(toks).float()[None]  # [1, 4, D]
+    tiny = torch.stack([s * (math.cos(1e-6) * r + math.sin(1e-6) * u) * 7 for s in (1, -1)]).float()[None]
+    r32 = r.float()
+    for a in (0.2, -0.2):
+        theta = torch.tensor([a * math.pi / 2])
+        exact = reference_rotate_(h.double(), r32.double(), theta.double())  # the same fp32 inputs, in fp64
+        spec = reference_rotate_(h.clone(), r32, theta)
+        got = rotate_(h.clone(), r32, theta)
+        # the plane of a token this close to ±r̂ is ill-conditioned in fp32: the fused path must be as accurate
+        # as the fp32 reference is (the old sqrt(|h|² - a²) form was off by percent here, or left the token)
+        err_spec = (spec.double() - exact).norm(dim=-1)
+        err_got = (got.double() - exact).norm(dim=-1)
+        assert (err_got <= 4 * err_spec + 1e-4).all(), (err_got, err_spec)
+        # |h| kept to what fp32 resolves here (the reference is off by 1.3e-5 too: r and û are orthogonal only
+        # to within the rounding of u = h - a r, which is 1e-4 of |h| long)
+        torch.testing.assert_close(got.norm(dim=-1), h.norm(dim=-1), rtol=5e-5, atol=0)
+        for f in (reference_rotate_, rotate_):
+            assert torch.equal(f(tiny.clone(), r32, theta), tiny)

@@ -153,3 +153,28 @@ def test_tune_task_vector_through_the_per_request_path(family):
         outs = comp.generate(harm, vector=harm_vec, alphas=p["alpha"], max_new_tokens=16)
         assert p["harmful_refusal"] == sum(map(L.is_refusal, outs)) / len(outs)
     assert summary["best"]["harmful_refusal"] >= 0.9 and tuned.recommended["alpha"] < 0
+
+
+def test_tune_sweeps_new_ops_and_refuses_untunable_modes():
+    """Every registered op can be tuned (its own α grid, or a generic one); merged and clamp cannot."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from tiny_models import D, tiny_model, tiny_tokenizer
+
+    from steer.errors import ConfigError
+
+    sm = SteeredModel(tiny_model("llama"), tiny_tokenizer())
+    g = torch.Generator().manual_seed(0)
+    vec = SteeringVector(
+        {1: torch.randn(D, generator=g) * 3}, {"kind": "refusal"}, None, {"mean.1": torch.randn(D, generator=g)}
+    )
+    kw = dict(alphas=[0.5], judge="markers", max_new_tokens=3, progress=False, scopes=("all",))
+    tuned, summary = tune(sm, vec, ["w5 w6", "w7 w8"], ["w9 w10", "w11 w12"], modes=("ace", "angular"), **kw)
+    assert {p["mode"] for p in summary["points"]} == {"ace", "angular"}
+    assert tuned.recommended["mode"] in ("ace", "angular")
+    for mode in ("merged", "clamp"):
+        with pytest.raises(ConfigError, match="cannot be tuned"):
+            tune(sm, vec, ["w5"], ["w9"], modes=(mode,), **kw)

@@ -53,7 +53,10 @@ DEFAULT_ALPHAS = {
     "ablate_add": [0.0, 0.25, 0.5, 1.0, 1.5, 2.0],
     "conditional": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0],
     "per_request": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0],
-}  # per_request: task vectors
+    "ace": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0],
+    "angular": [0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],
+}  # per_request: task vectors; an op registered later is swept over GENERIC_ALPHAS
+GENERIC_ALPHAS = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0]
 
 
 @dataclass
@@ -295,7 +298,14 @@ def tune(
         return _points(rep, mode, scope)
 
     for mode in modes:
-        grid = [check_alpha(a) for a in (alphas if alphas is not None else DEFAULT_ALPHAS[mode])]
+        if mode in ("merged", "merge", "clamp"):
+            raise ConfigError(
+                f"mode {mode!r} cannot be tuned per request",
+                expected="an op, 'conditional', or per_request (task vectors)",
+                found=repr(mode),
+                fix="tune with --mode add (or another op) or conditional",
+            )
+        grid = [check_alpha(a) for a in (alphas if alphas is not None else DEFAULT_ALPHAS.get(mode, GENERIC_ALPHAS))]
         for layer_set in layer_sets:
             work = copy.deepcopy(vector)
             if mode == "conditional":
