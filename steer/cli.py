@@ -407,6 +407,45 @@ def demo(
 
 @app.command()
 @user_errors
+def serve(
+    model: str = typer.Argument(..., help="A model folder, a cached hub id, or builtin:NAME."),
+    vector: List[str] = typer.Option([], "--vector", help="NAME=FILE, loaded at start-up (repeatable)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
+    port: int = typer.Option(8000, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require Authorization: Bearer KEY."),
+    enforce: List[str] = typer.Option([], "--enforce", help="NAME[:ALPHA]: applied to every request (repeatable)."),
+    alpha_range: Optional[str] = typer.Option(None, "--alpha-range", help="LO,HI: bounds every client alpha."),
+    max_batch: int = typer.Option(64, "--max-batch", min=1, help="Rows per batched forward."),
+    max_tokens_limit: int = typer.Option(
+        512, "--max-tokens-limit", min=1, help="Largest max_tokens a request may ask."
+    ),
+    device: Optional[str] = typer.Option(None, "--device"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the folder."),
+):
+    """An OpenAI-compatible server; every request can carry its own steering (a top-level "steer" field)."""
+    try:
+        import uvicorn
+
+        from steer.serve.app import create_app
+    except ImportError as exc:
+        _fail(
+            "steer serve needs the serve extra",
+            "fastapi, uvicorn, prometheus-client",
+            str(exc),
+            'pip install "steer-runtime[serve]"',
+        )
+    from steer import SteeredModel
+    from steer.serve import load_policy
+
+    sm = SteeredModel.from_pretrained(model, device=device, trust_remote_code=trust_remote_code)
+    policy = load_policy(sm, vector, enforce=enforce, alpha_range=alpha_range, max_tokens_limit=max_tokens_limit)
+    app_ = create_app(sm, policy, model_name=model, api_key=api_key, max_batch=max_batch)
+    typer.echo(f"serving {model} with vectors {sorted(policy.vectors) or 'none'} on http://{host}:{port}/v1", err=True)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
+@user_errors
 def bake(
     model: str = typer.Argument(..., help="Local HF model folder, cached hub id, or builtin:NAME."),
     vector: Path = typer.Option(..., "--vector", "-v", help="A task vector, or a direction to ablate."),
