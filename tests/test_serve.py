@@ -359,3 +359,90 @@ def test_cli_serve_validates_vectors_before_serving(tmp_path):
     r = runner.invoke(app, ["serve", str(model_dir), "--vector", f"s={ok}", "--enforce", "t:1"])
     assert r.exit_code == 2 and "not loaded" in r.output
     assert runner.invoke(app, ["serve", "--help"]).exit_code == 0
+
+
+def _slow_steps(sm, seconds):
+    """Each forward of the model sleeps a little, so that a request is still running when the client acts."""
+    return sm.model.register_forward_pre_hook(lambda m, a: time.sleep(seconds))
+
+
+def test_client_disconnect_mid_stream_stops_its_row(env):
+    sm, srv = env
+    engine = srv.app.state.scheduler.engine
+    seen = []
+    real_run = engine.run
+
+    def run(jobs):
+        real_run(jobs)
+        seen.extend((j.finish_reason, j.completion_tokens) for j in jobs)
+
+    engine.run = run
+    slow = _slow_steps(sm, 0.05)
+    try:
+        body = {"messages": [{"role": "user", "content": "w5 w6"}], "max_tokens": 32, "temperature": 0, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"content"' in line and '"content": ""' not in line:
+                    break  # the first generated text: go away
+        deadline = time.time() + 10
+        while not seen and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        slow.remove()
+        engine.run = real_run
+    assert seen and seen[0][0] == "cancelled" and seen[0][1] < 32  # the row stopped early: its slot is free
+    ok = _raw(srv, {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_sigterm_finishes_requests_in_flight(tmp_path):
+    """`steer serve` under SIGTERM: the request in flight completes, the engine drains and stops, the process
+    exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "m"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    vec = SteeringVector({1: torch.randn(D)}).save(tmp_path / "v.safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    slow = tmp_path / "slow.py"  # the served model sleeps per forward, so the request is in flight at SIGTERM
+    slow.write_text(
+        "import sys, time, transformers\n"
+        "orig = transformers.PreTrainedModel.__call__\n"
+        "def call(self, *a, **k):\n    time.sleep(0.05)\n    return orig(self, *a, **k)\n"
+        "transformers.PreTrainedModel.__call__ = call\n"
+        "from steer.cli import main\nsys.argv = ['steer'] + sys.argv[1:]\nmain()\n"
+    )
+    args = [sys.executable, str(slow), "serve", str(model_dir), "--vector", f"s={vec}", "--port", str(port)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        result = {}
+
+        def ask():
+            body = {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 24, "temperature": 0}
+            result["r"] = httpx.post(url + "/v1/chat/completions", json={**body, "steer": {"vector": "s"}}, timeout=60)
+
+        t = threading.Thread(target=ask)
+        t.start()
+        time.sleep(0.5)  # the request is being generated
+        os.kill(proc.pid, signal.SIGTERM)
+        t.join(timeout=60)
+        assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] > 0
+        # uvicorn re-raises the signal after its graceful shutdown (so the exit status says SIGTERM)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "stopped after 1 batches" in proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

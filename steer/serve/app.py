@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import sys
 import time
 import uuid
 
@@ -44,6 +45,7 @@ def create_app(sm, policy: Policy, *, model_name: str, api_key: str | None = Non
         yield
         # shutdown: the batches already queued finish, then the engine thread stops (its handles are off)
         await asyncio.get_running_loop().run_in_executor(None, scheduler.close)
+        print(f"steer serve: stopped after {scheduler.stats['batches']} batches; no steering left", file=sys.stderr)
 
     app = FastAPI(title="steer serve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.scheduler = scheduler
