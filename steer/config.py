@@ -41,6 +41,12 @@ def known_modes() -> tuple[str, ...]:
     return (*ops.OPS, "conditional", *TASK_MODES, "clamp")
 
 
+def per_request_modes() -> tuple[str, ...]:
+    """The modes whose strength can differ per batch row: every op, ``conditional`` and per-request task vectors
+    (not a merged task vector, which has one α, nor a clamp, whose value is not an α)."""
+    return (*ops.OPS, "conditional", "per_request")
+
+
 def check_alpha(value, what: str = "alpha") -> float:
     """A finite float, or an AlphaError that says so."""
     try:

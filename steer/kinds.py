@@ -21,9 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from .bake import bake_ablation, bake_task
 from .errors import ConfigError
+from .hooks import Steering
+from .lowrank import TaskSteering
 from .ops import OPS
+from .params import TASK_LAYOUT, MergedTaskSteering
 from .resolve import Resolved, resolve_activation, resolve_clamp, resolve_task
+from .sae_clamp import FeatureClamp
 
 
 @runtime_checkable
@@ -64,34 +69,18 @@ class Kind:
     bake: Callable[..., dict] | None = None
 
 
-def _steering(model, res: Resolved):
-    from .hooks import Steering
-
-    return Steering.from_resolved(model, res)
+def _task_per_request(model, res: Resolved) -> TaskSteering:
+    return TaskSteering(model, res.vector, res.alpha)
 
 
-def _task(cls_path: str):
-    def attach(model, res: Resolved):
-        import importlib
-
-        module, name = cls_path.rsplit(".", 1)
-        return getattr(importlib.import_module(module), name)(model, res.vector, res.alpha)
-
-    return attach
+def _task_merged(model, res: Resolved) -> MergedTaskSteering:
+    return MergedTaskSteering(model, res.vector, res.alpha)
 
 
-def _baker(name: str):
-    from . import bake
-
-    return getattr(bake, name)
-
-
-def _clamp(model, res: Resolved):
-    from .sae_clamp import FeatureClamp, SAEWeights
-
+def _clamp(model, res: Resolved) -> FeatureClamp:
     return FeatureClamp(
         model,
-        SAEWeights.from_vector(res.vector),
+        res.sae,
         list(res.features),
         res.alpha,
         layers=list(res.layers),
@@ -108,39 +97,24 @@ KINDS: dict[str, Kind] = {
             ("refusal", "sae", "custom"),
             lambda: (None, *OPS, "conditional"),
             resolve_activation,
-            _steering,
+            Steering.from_resolved,
             per_layer=True,
-            bake=lambda *a, **k: _baker("bake_ablation")(*a, **k),
+            bake=bake_ablation,
         ),
         Kind(
             "task_per_request",
             ("task",),
             lambda: (None, "per_request"),
             resolve_task,
-            _task("steer.lowrank.TaskSteering"),
+            _task_per_request,
             per_layer=False,
         ),
-        Kind(
-            "task_merged",
-            ("task",),
-            lambda: ("merged", "merge"),
-            resolve_task,
-            _task("steer.params.MergedTaskSteering"),
-            per_layer=False,
-            bake=lambda *a, **k: _baker("bake_task")(*a, **k),
-        ),
+        Kind("task_merged", ("task",), lambda: ("merged", "merge"), resolve_task, _task_merged, False, bake_task),
         Kind("sae_clamp", ("sae",), lambda: ("clamp",), resolve_clamp, _clamp, per_layer=False),
     )
 }
 
-
-def _layouts() -> dict:
-    from .params import TASK_LAYOUT
-
-    return {"task": TASK_LAYOUT}
-
-
-LAYOUTS = _layouts()  # vector kind -> how its extra tensors behave under arithmetic (steer.vector.ExtraLayout)
+LAYOUTS = {"task": TASK_LAYOUT}  # vector kind -> how its extra tensors behave under arithmetic (ExtraLayout)
 
 
 def kind_for(vector, mode: str | None = None) -> Kind:

@@ -39,7 +39,8 @@ class Resolved:
     condition: Condition | None = None
     operands: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [M, d] fp32 (CPU)
     n_ablate: int = 0
-    features: tuple[int, ...] = ()  # SAE clamp
+    features: tuple[int, ...] = ()  # SAE clamp: the features, and the SAE (steer.sae_clamp.SAEWeights)
+    sae: object = None
     layers_path: str | None = None
 
 
@@ -239,5 +240,6 @@ def resolve_clamp(config: SteeringConfig, vector: SteeringVector, model: nn.Modu
         layers=tuple(check_layers(list(layers), fp["num_layers"])),
         site=site,
         features=tuple(features),
+        sae=sae,
         layers_path=layers_path,
     )

@@ -25,6 +25,7 @@ import datetime as _dt
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,13 +50,17 @@ def steer_version() -> str:
         return "0+unknown"
 
 
+def _unchanged(extra: dict, scale: float) -> dict:
+    return extra
+
+
 @dataclass(frozen=True)
 class ExtraLayout:
     """How a vector kind's ``extra`` tensors behave under arithmetic (the kind owns its layout; see
     :data:`steer.kinds.LAYOUTS`): ``scale_extra(extra, s)`` for ``s * vector``; ``addable``: ``+``/``-`` allowed.
     The default: extras are reference data (e.g. the means ``mean.<layer>``), unchanged by scaling."""
 
-    scale_extra: object = staticmethod(lambda extra, s: extra)
+    scale_extra: Callable[[dict, float], dict] = _unchanged
     addable: bool = True
 
 

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from steer.activations import collect
-from steer.config import SCOPES, check_alpha
+from steer.config import SCOPES, check_alpha, per_request_modes
 from steer.errors import ConfigError
 from steer.evaluate import evaluate, report_to_json
 from steer.judge import make_judge
@@ -298,7 +298,7 @@ def tune(
         return _points(rep, mode, scope)
 
     for mode in modes:
-        if mode in ("merged", "merge", "clamp"):
+        if mode not in per_request_modes():
             raise ConfigError(
                 f"mode {mode!r} cannot be tuned per request",
                 expected="an op, 'conditional', or per_request (task vectors)",

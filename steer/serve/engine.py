@@ -165,7 +165,7 @@ class Engine:
                 h.set_alphas(alphas)
                 h.begin(width)
                 handles[key] = h
-            sm.model.generate(
+            out = sm.model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=max(j.request.sampling.max_tokens for j in jobs),
@@ -183,9 +183,13 @@ class Engine:
                     if any(s.config_key() == key for s in j.request.steer):
                         j.gates[key[0]] = {"open": bool(gate[i]), "score": round(float(scores[i]), 6)}
         for i, j in enumerate(jobs):
-            if j.finish_reason is None:  # generate ended at max_new_tokens before the criterion saw the row
-                stops.done[i] = False
-                j.finish_reason = "length"
+            if j.finish_reason is None:  # not seen ending by the criterion (it runs after every step): keep it all
+                new = out[i, width:].tolist()
+                j.text, j.finish_reason, j.completion_tokens = (
+                    tok.decode(new, skip_special_tokens=True),
+                    "length",
+                    len(new),
+                )
 
 
 class Scheduler:
@@ -225,7 +229,7 @@ class Scheduler:
                     self._stop.set()
                     break
                 batch.append(j)
-            batch = [j for j in batch if not j.cancelled] or []
+            batch = [j for j in batch if not j.cancelled]
             if batch:
                 try:
                     self.engine.run(batch)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from steer.config import SCOPES, known_modes
+from steer.config import SCOPES, per_request_modes
 
 
 class APIError(Exception):
@@ -146,7 +146,7 @@ def parse_steer(raw, policy: Policy) -> tuple[SteerSpec, ...]:
                 )
             layers = tuple(layers)
         mode = item.get("mode")
-        if mode is not None and (mode not in known_modes() or mode in ("merged", "merge", "clamp")):
+        if mode is not None and mode not in per_request_modes():
             raise bad(f"{where}.mode {mode!r} is not a per-request mode", f"{where}.mode")
         scope = item.get("scope")
         if scope is not None and scope not in SCOPES:
