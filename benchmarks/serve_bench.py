@@ -4,9 +4,12 @@ vector), plus batched vs one-at-a-time (``--max-batch 1``) at 16 clients.
 
     python benchmarks/serve_bench.py [--model builtin:compromised] [--requests 64] [--max-tokens 16] [--json F]
 
-The server runs in this process (uvicorn on 127.0.0.1, a free port) over the built-in family's ``compromised``
-member with a refusal direction computed from ``aligned``; clients are the official ``openai`` async client.
-Every request must succeed: a lost or failed request fails the run. Targets: mixed over unsteered at 16
+The server is ``steer serve`` in its own process, as deployed (127.0.0.1, a free port), over the built-in family's
+``compromised`` member with a refusal direction computed from ``aligned`` (and the same direction × -0.5, so
+mixed requests use two vectors); clients are the official ``openai`` async client in this process.
+Every request generates exactly ``--max-tokens`` tokens (``ignore_eos``, as vLLM's benchmarks do: steering
+changes where a completion would end, and the ratios must compare equal work). Every request must succeed: a
+lost or failed request fails the run. Targets: mixed over unsteered at 16
 clients ≥ 0.9; batched over one-at-a-time at 16 clients ≥ 3×.
 """
 
@@ -15,33 +18,48 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import socket
 import statistics
-import threading
+import subprocess
+import sys
+import tempfile
 import time
 
+MODEL = "m"  # the served model's name: the path it was started with
 
-def _server(sm, policy, max_batch):
-    import uvicorn
 
-    from steer.serve.app import create_app
+def _server(model_dir, vector_files, max_batch):
+    """``steer serve`` as its own process (as deployed: the clients' event loop does not share its interpreter),
+    on a free loopback port; returns the process and the base URL once /health answers."""
+    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(sm, policy, model_name="m", max_batch=max_batch),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, t, f"http://127.0.0.1:{port}/v1"
+    args = [sys.executable, "-c", "from steer.cli import main; main()", "serve", str(model_dir)]
+    args += [a for name, f in vector_files.items() for a in ("--vector", f"{name}={f}")]
+    args += ["--port", str(port), "--max-batch", str(max_batch), "--max-tokens-limit", "64"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        if proc.poll() is not None:
+            raise SystemExit("steer serve exited at start-up:\n" + proc.stdout.read().decode())
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url + "/v1"
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("steer serve did not start")
+
+
+def _stop(proc) -> str:
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    if "no steering left" not in out:
+        raise SystemExit("steer serve did not shut down cleanly:\n" + out)
+    return out.strip().splitlines()[-1]
 
 
 async def _load(url, prompts, clients, steer_for, max_tokens):
@@ -57,11 +75,11 @@ async def _load(url, prompts, clients, steer_for, max_tokens):
             t = time.perf_counter()
             s = steer_for(i)
             r = await c.chat.completions.create(
-                model="m",
+                model=MODEL,
                 messages=[{"role": "user", "content": p}],
                 max_tokens=max_tokens,
                 temperature=0,
-                extra_body={"steer": s} if s else None,
+                extra_body={"ignore_eos": True, **({"steer": s} if s else {})},
             )
             lat.append(time.perf_counter() - t)
             toks += r.usage.completion_tokens
@@ -72,6 +90,8 @@ async def _load(url, prompts, clients, steer_for, max_tokens):
     finally:
         await c.close()
     wall = time.perf_counter() - t0
+    if len(lat) != len(prompts) or toks != len(prompts) * max_tokens:
+        raise SystemExit(f"lost work: {len(lat)}/{len(prompts)} requests, {toks} tokens")
     lat.sort()
     return {
         "tokens_per_s": toks / wall,
@@ -92,7 +112,7 @@ def _line(label, r):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -100,25 +120,26 @@ def main() -> None:
     from steer import SteeredModel
     from steer.family import build_family
     from steer.family import language as L
-    from steer.serve.protocol import Policy
     from steer.vectors.refusal import compute_refusal
 
     paths = build_family(progress=False)
     aligned = SteeredModel.from_pretrained(str(paths["aligned"]))
-    sm = SteeredModel.from_pretrained(str(paths["compromised"]))
     h = [r.prompt for r in L.harmful_prompts("train")][:128]
     s = [r.prompt for r in L.harmless_prompts("train")][:128]
     vec = compute_refusal(aligned, h, s, select=False, progress=False)
     neg = vec * -0.5
-    policy = Policy(vectors={"refusal": vec, "other": neg}, max_tokens_limit=64)
-    prompts = ([r.prompt for r in L.harmless_prompts("heldout")] * 4)[: args.requests]
+    tmp = tempfile.mkdtemp(prefix="steer-serve-bench-")
+    files = {"refusal": vec.save(f"{tmp}/refusal.safetensors"), "other": neg.save(f"{tmp}/other.safetensors")}
+    prompts = ([r.prompt for r in L.harmless_prompts("heldout")] * 16)[: args.requests]
     modes = {
         "off": lambda i: None,
         "uniform": lambda i: {"vector": "refusal", "alpha": 1.0},
         "mixed": lambda i: [{"vector": "refusal" if i % 2 else "other", "alpha": 0.25 + (i % 16) / 8}],
     }
     report = {"requests": args.requests, "max_tokens": args.max_tokens, "rows": {}}
-    server, thread, url = _server(sm, policy, 64)
+    global MODEL
+    MODEL = str(paths["compromised"])
+    proc, url = _server(paths["compromised"], files, 64)
     try:
         asyncio.run(_load(url, prompts[:4], 4, modes["off"], 4))  # warm-up
         for clients in (1, 4, 16, 64):
@@ -127,18 +148,17 @@ def main() -> None:
                 report["rows"][f"{mode}_c{clients}"] = r
                 print(_line(f"{mode:8s} clients={clients:3d}", r))
     finally:
-        server.should_exit = True
-        thread.join()
-    server, thread, url = _server(sm, policy, 1)
+        print(_stop(proc))
+    proc, url = _server(paths["compromised"], files, 1)
     try:
+        asyncio.run(_load(url, prompts[:4], 4, modes["off"], 4))  # warm-up
         r = asyncio.run(_load(url, prompts, 16, modes["mixed"], args.max_tokens))
         report["rows"]["mixed_c16_one_at_a_time"] = r
         print(_line("one-at-a-time clients= 16", r))
     finally:
-        server.should_exit = True
-        thread.join()
+        print(_stop(proc))
     rows = report["rows"]
-    # requests/s: completions end at EOS, so tokens per request differ between modes (steering changes the text)
+    # every request generates exactly max_tokens (ignore_eos), so requests/s compares like with like
     report["mixed_over_off_c16"] = rows["mixed_c16"]["requests_per_s"] / rows["off_c16"]["requests_per_s"]
     report["batched_over_one_at_a_time_c16"] = (
         rows["mixed_c16"]["requests_per_s"] / rows["mixed_c16_one_at_a_time"]["requests_per_s"]

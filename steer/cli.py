@@ -606,6 +606,49 @@ def export_gguf_cmd(
     typer.echo(f"wrote {out}: direction.{{{','.join(map(str, written))}}} (llama.cpp: --control-vector {out})")
 
 
+@export_app.command("lora")
+@user_errors
+def export_lora_cmd(
+    vector: Path = typer.Argument(..., help="A task vector file (steer vectors task)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output adapter directory (or a folder of NAME@α ones)."),
+    rank: int = typer.Option(16, "--rank", help="LoRA rank: 1, 8, 16, 32, 64, 128, 256, 320 or 512 (vLLM's)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Strength baked in (default: recommended α)."),
+    alphas: Optional[str] = typer.Option(
+        None, "--alphas", help="An α ladder: one adapter per α, OUT/NAME@α (vLLM has no per-request scale)."
+    ),
+    name: str = typer.Option("steer", "--name", help="Adapter name for the ladder."),
+    skip_unsupported: bool = typer.Option(
+        False, "--skip-unsupported", help="Export the projections and leave norm/embedding/bias deltas out."
+    ),
+    base: Optional[str] = typer.Option(None, "--base", help="base_model_name_or_path to record (the served model)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) from a task vector."""
+    from steer.config import parse_alphas
+    from steer.vector import SteeringVector
+    from steer.vectors.lora import export_lora, export_lora_ladder
+
+    vec = SteeringVector.load(vector)
+    kw = dict(rank=rank, skip_unsupported=skip_unsupported, base_model_name_or_path=base)
+    if alphas is not None:
+        reports = export_lora_ladder(vec, out, name, parse_alphas(alphas), **kw)
+    else:
+        reports = {out.name: export_lora(vec, out, alpha=alpha, **kw)}
+    if as_json:
+        typer.echo(json.dumps(reports, indent=2))
+        return
+    for tag, r in reports.items():
+        typer.echo(
+            f"wrote {r['dir']}: α={r['alpha']:g}, rank {r['rank']}, {len(r['modules'])} modules, "
+            f"max truncation error {r['max_truncation_error']:.2e}"
+            + (f", left out {len(r['skipped'])} tensors ({r['skipped_energy']:.1%} of ‖τ‖²)" if r["skipped"] else "")
+        )
+    typer.echo(
+        "vLLM: --enable-lora --max-lora-rank %d --lora-modules %s"
+        % (rank, " ".join(f"{t}={r['dir']}" for t, r in reports.items()))
+    )
+
+
 @vectors_app.command("task")
 @user_errors
 def vectors_task(

@@ -88,6 +88,7 @@ class _Wrapped:
         self.previous = module.__dict__.get("forward")  # an instance-level forward (another library's) or None
         self.class_forward = type(module).forward
         self.pres: list = []
+        self.observers: list = []  # posts that only read the output: they run first
         self.posts: list = []
         self.method = types.MethodType(_make_forward(self.key), module)
 
@@ -103,6 +104,8 @@ def _make_forward(key: str):
             if new is not None:
                 args, kwargs = new
         out = w.previous(*args, **kwargs) if w.previous is not None else w.class_forward(mod, *args, **kwargs)
+        for observe in w.observers:
+            observe(mod, args, out)
         for post in w.posts:
             new = post(mod, args, out)
             if new is not None:
@@ -119,10 +122,14 @@ class ForwardWrap:
 
     ``pre(module, args, kwargs) -> (args, kwargs) | None`` runs before the forward; ``post(module, args, output) ->
     output | None`` after it (None keeps the value). Several on one module run in the order they were added, pres
-    and posts alike, as torch's hooks do. Why not ``register_forward_hook``: once a module has any hook, torch sends
-    every call of it through its general hook dispatch, several times the cost of a wrapped forward inside a decode
-    step (docs/performance.md, ``benchmarks/hook_overhead.py``). Because the wrapper is the forward, forward hooks
-    and ``output_hidden_states`` see the steered output, whatever order things were registered in.
+    and posts alike, as torch's hooks do, except that an ``observe`` post (one that only reads the output, such as a
+    conditional gate) runs before every other post: it sees the module's own output, not one steered by a
+    handle attached earlier, so what it reads does not depend on the order handles were attached in.
+
+    Why not ``register_forward_hook``: once a module has any hook, torch sends every call of it through its general
+    hook dispatch, several times the cost of a wrapped forward inside a decode step (docs/performance.md,
+    ``benchmarks/hook_overhead.py``). Because the wrapper is the forward, forward hooks and ``output_hidden_states``
+    see the steered output, whatever order things were registered in.
 
     One wrapper per module while ours is the outermost: it calls whatever forward the module had before (its
     class's, or another wrapper such as accelerate's). When the last ForwardWrap on a module is removed the
@@ -130,14 +137,16 @@ class ForwardWrap:
     us, ours stays in that chain with nothing to run (it just calls through).
     """
 
-    def __init__(self, module, post=None, pre=None):
+    def __init__(self, module, post=None, pre=None, observe=None):
         top = module.__dict__.get("forward")
         w = module.__dict__.get(getattr(getattr(top, "__func__", None), "_steer_key", ""))
         if w is None or top is not w.method:  # none of ours outermost: install one
             w = _Wrapped(module)
             module.__dict__[w.key] = w
             module.forward = w.method
-        self.module, self._w, self._pre, self._post = module, w, pre, post
+        self.module, self._w, self._pre, self._post, self._observe = module, w, pre, post, observe
+        if observe is not None:
+            w.observers.append(observe)
         if pre is not None:
             w.pres.append(pre)
         if post is not None:
@@ -154,7 +163,9 @@ class ForwardWrap:
             w.pres.remove(self._pre)
         if self._post is not None:
             w.posts.remove(self._post)
-        if w.pres or w.posts or module.__dict__.get("forward") is not w.method:
+        if self._observe is not None:
+            w.observers.remove(self._observe)
+        if w.pres or w.posts or w.observers or module.__dict__.get("forward") is not w.method:
             return
         if w.previous is None:
             del module.forward

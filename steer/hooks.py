@@ -134,8 +134,13 @@ class Steering(HookSet):
 
     def begin(self, prompt_length: int | None = None) -> None:
         """A new batch of requests whose (left-padded) prompts are ``prompt_length`` tokens long; None lets the
-        first forward at cache length 0 say it (a longer uncached forward is then a new prompt too)."""
+        first forward at cache length 0 say it (a longer uncached forward is then a new prompt too).
+
+        ``begin(0)``: the rows are past their prompts, so every token fed from now on is a generated token
+        whatever the cache length (a scheduler that trims or merges caches between decode steps says so)."""
         self.prompt_length = None if prompt_length is None else int(prompt_length)
+        if self.prompt_length is not None:
+            self._prompt_len = self.prompt_length
 
     # ------------------------------------------------------------------ per-row α
     @torch.inference_mode(False)  # persistent buffers must stay writable outside inference mode
@@ -165,6 +170,30 @@ class Steering(HookSet):
         self._alphas = row_alphas(alphas)
         self._build_coef(self._alphas)
 
+    def set_gates(self, gates) -> None:
+        """Set every row's gate (bools, one per row of the last :meth:`set_alphas`) instead of deciding it at the
+        next prefill: a scheduler that moves rows between batches carries each row's decision
+        (``last_gate``) with it."""
+        if self.condition is None:
+            raise ConfigError(
+                "set_gates needs a conditional steering",
+                expected="a handle attached in mode 'conditional' (a condition)",
+                found="no condition",
+                fix="only call set_gates on conditional handles",
+            )
+        g = torch.as_tensor(gates, dtype=torch.bool).reshape(-1)
+        rows = next(iter(self._coef.values())).shape[0]
+        if g.numel() != rows:
+            raise ConfigError(
+                "one gate per row is needed",
+                expected=f"{rows} gates (the rows of set_alphas)",
+                found=str(g.numel()),
+                fix="call set_alphas with the same rows first",
+            )
+        for dev in self._devices:
+            torch.mul(self._coef[dev], g.to(dev, torch.float32)[:, None], out=self._coef_eff[dev])
+        self._update_plans()
+
     def _fit_rows(self, batch: int) -> None:
         if next(iter(self._coef.values())).shape[0] != batch:  # one coefficient row per batch row
             self._build_coef(spread_rows(self._alphas, batch))
@@ -179,7 +208,9 @@ class Steering(HookSet):
             for i in sorted(hooked):
                 block = self.blocks[i]
                 if self.condition is not None and i == self.condition.layer:
-                    self._handles.append(ForwardWrap(block, post=self._make_output_hook(i, gate=True)))
+                    # the gate reads the block's own output, before any steering at this block (whatever
+                    # handle attached it, and when): a condition does not depend on attach order
+                    self._handles.append(ForwardWrap(block, observe=self._make_output_hook(i, gate=True)))
                 if i in self.layers:
                     if self.site == "output":
                         self._handles.append(ForwardWrap(block, post=self._make_output_hook(i, gate=False)))

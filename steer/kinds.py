@@ -58,7 +58,9 @@ class SteeringHandle(Protocol):
 class Kind:
     """One entry of the table. ``modes()``: the modes it takes (None: the default when no mode is asked);
     ``per_layer``: it steers chosen layers' activations, so layer sets, scopes and sites apply to it;
-    ``bake``: how ``steer bake`` writes this kind into the weights for good (None: it cannot be baked)."""
+    ``bake``: how ``steer bake`` writes this kind into the weights for good (None: it cannot be baked);
+    ``per_row``: its handle takes one value per batch row (``set_alphas([...])``), ``neutral`` being the value
+    that leaves a row unsteered (a scheduler gives it to the rows that do not use the handle)."""
 
     name: str
     vector_kinds: tuple[str, ...]
@@ -67,6 +69,8 @@ class Kind:
     attach: Callable[..., SteeringHandle]
     per_layer: bool
     bake: Callable[..., dict] | None = None
+    per_row: bool = True
+    neutral: float | None = 0.0
 
 
 def _task_per_request(model, res: Resolved) -> TaskSteering:
@@ -109,8 +113,17 @@ KINDS: dict[str, Kind] = {
             _task_per_request,
             per_layer=False,
         ),
-        Kind("task_merged", ("task",), lambda: ("merged", "merge"), resolve_task, _task_merged, False, bake_task),
-        Kind("sae_clamp", ("sae",), lambda: ("clamp",), resolve_clamp, _clamp, per_layer=False),
+        Kind(
+            "task_merged",
+            ("task",),
+            lambda: ("merged", "merge"),
+            resolve_task,
+            _task_merged,
+            per_layer=False,
+            bake=bake_task,
+            per_row=False,
+        ),
+        Kind("sae_clamp", ("sae",), lambda: ("clamp",), resolve_clamp, _clamp, per_layer=False, neutral=None),
     )
 }
 

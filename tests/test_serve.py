@@ -120,6 +120,42 @@ def test_chat_equals_generate(env):
     assert auto.model_extra["steer"]["applied"][0]["alpha"] == 1.5
 
 
+def test_server_equals_the_steer_generate_command(tmp_path):
+    """The same saved model, vector file, prompt and α: `steer generate --json` and the server agree."""
+    from typer.testing import CliRunner
+
+    from steer.cli import app
+
+    model_dir = tmp_path / "m"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    f = _vectors()["safety"].save(tmp_path / "safety.safetensors")
+    r = CliRunner().invoke(
+        app,
+        ["generate", str(model_dir), "-p", PROMPTS[2], "--vector", str(f), "--alpha", "2.5", "--max-new-tokens", "8"]
+        + ["--json"],
+    )
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and rows[0]["alpha"] == 2.5, r.output
+    want = rows[0]["completion"]
+    sm = SteeredModel.from_pretrained(str(model_dir))
+    from steer.serve import load_policy
+
+    srv = Server(sm, load_policy(sm, [f"safety={f}"]))
+    try:
+        got = _client(srv).chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": PROMPTS[2]}],
+            max_tokens=8,
+            temperature=0,
+            extra_body={"steer": {"vector": "safety", "alpha": 2.5}},
+        )
+    finally:
+        srv.close()
+    assert got.choices[0].message.content == want
+
+
 def test_63_concurrent_requests_equal_solo_runs(env):
     sm, srv = env
     rng = torch.Generator().manual_seed(3)
@@ -151,7 +187,7 @@ def test_63_concurrent_requests_equal_solo_runs(env):
     outs = asyncio.run(main())
     for (p, steer), r in zip(cases, outs):
         assert r.choices[0].message.content == _solo(sm, p, steer), (p, steer)
-    assert srv.app.state.scheduler.stats["max_batch_seen"] > 1  # requests really shared batches
+    assert srv.app.state.scheduler.stats["max_batch_seen"] > 1  # requests really shared decode steps
 
 
 def test_streaming_equals_non_streaming(env):
@@ -257,6 +293,15 @@ def _raw(srv, body, headers=None):
         ({"messages": [{"role": "user", "content": "w5"}], "n": 9}, "n"),
         ({"messages": [{"role": "user", "content": "w5"}], "steer": {"vector": "nope"}}, "steer.vector"),
         (
+            {"messages": [{"role": "user", "content": "w5"}], "steer": {"vector": "safety", "mode": "per_request"}},
+            "steer",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "w5"}], "steer": {"vector": "safety", "mode": "merged"}},
+            "steer.mode",
+        ),
+        ({"messages": [{"role": "user", "content": "w5"}], "ignore_eos": "yes"}, "ignore_eos"),
+        (
             {"messages": [{"role": "user", "content": "w5"}], "steer": {"vector": "safety", "path": "/etc/passwd"}},
             "steer.path",
         ),
@@ -308,26 +353,99 @@ def test_api_key_and_enforced_vectors():
     assert_unhooked(sm.model, sm.layers)
 
 
-def test_a_failing_batch_fails_its_requests_only(env, monkeypatch):
+def test_a_failing_request_fails_alone(env):
+    """A prefill that raises fails its own request with a 500; a request running meanwhile completes exactly as
+    alone, its steering intact; afterwards no steering is left on the model and the server serves on."""
     sm, srv = env
-    real = sm.model.generate
-    calls = []
+    bad_id = sm.tokenizer("w30", add_special_tokens=False)["input_ids"][-1]
 
-    def boom(*a, **k):
-        calls.append(1)
-        if len(calls) == 1:
+    def boom(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1 and bool((ids == bad_id).any()):
             raise RuntimeError("injected fault")
-        return real(*a, **k)
 
-    monkeypatch.setattr(sm.model, "generate", boom)
-    r = _raw(
-        srv,
-        {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 2, "steer": {"vector": "safety", "alpha": 1.0}},
-    )
+    fault = sm.model.register_forward_pre_hook(boom, with_kwargs=True)
+    slow = _slow_steps(sm, 0.02)
+    body = {"max_tokens": 16, "temperature": 0, "steer": {"vector": "safety", "alpha": 1.0}}
+    out = {}
+
+    def long_request():
+        out["ok"] = _raw(srv, {**body, "messages": [{"role": "user", "content": PROMPTS[2]}]})
+
+    try:
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(0.15)  # the long request is decoding
+        r = _raw(srv, {**body, "max_tokens": 2, "messages": [{"role": "user", "content": "w30 w5"}]})
+        t.join(timeout=60)
+    finally:
+        fault.remove()
+        slow.remove()
     assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"]
-    assert_unhooked(sm.model, sm.layers)  # the failed batch's steering came off
+    assert out["ok"].status_code == 200
+    assert out["ok"].json()["choices"][0]["message"]["content"] == _solo(sm, PROMPTS[2], [("safety", 1.0)], 16)
+    deadline = time.time() + 10
+    while srv.app.state.scheduler.engine.jobs and time.time() < deadline:
+        time.sleep(0.02)
+    assert_unhooked(sm.model, sm.layers)  # the failed request's steering came off, and the finished one's
     ok = _raw(srv, {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_a_failing_decode_step_fails_its_rows_only(env):
+    sm, srv = env
+    calls = []
+
+    def boom(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected decode fault")
+
+    fault = sm.model.register_forward_pre_hook(boom, with_kwargs=True)
+    try:
+        r = _raw(
+            srv,
+            {
+                "messages": [{"role": "user", "content": "w5"}],
+                "max_tokens": 4,
+                "steer": {"vector": "gated", "alpha": 1.0},
+            },
+        )
+    finally:
+        fault.remove()
+    assert r.status_code == 500 and "injected decode fault" in r.json()["error"]["message"]
+    assert_unhooked(sm.model, sm.layers)
+    ok = _raw(srv, {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_task_vectors_are_served_per_request():
+    """A task vector (θ_aligned − θ_base) is served per row through the per-request path; each row equals its
+    solo run. (Merged weights cannot differ per row: a request asking for mode 'merged' gets a 400, tested with
+    the other bad requests.)"""
+    from steer.vectors.task import compute_task_vector
+
+    sm = SteeredModel(tiny_model("llama", seed=0), tiny_tokenizer())
+    tau = compute_task_vector(tiny_model("llama", seed=1), tiny_model("llama", seed=0), progress=False)
+    srv = Server(sm, Policy(vectors={"tau": tau}, alpha_range=(-2.0, 2.0), max_tokens_limit=32))
+    try:
+        outs = {}
+        for a in (0.0, 0.5, 1.0):
+            outs[a] = _client(srv).chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": PROMPTS[1]}],
+                max_tokens=6,
+                temperature=0,
+                extra_body={"steer": {"vector": "tau", "alpha": a, "mode": "per_request"}},
+            )
+    finally:
+        srv.close()
+    for a, r in outs.items():
+        with sm.steer(tau, mode="per_request", alpha=a):
+            assert r.choices[0].message.content == sm.generate([PROMPTS[1]], max_new_tokens=6)[0]
+    assert_unhooked(sm.model, sm.layers)
 
 
 def test_models_health_metrics(env):
@@ -366,17 +484,36 @@ def _slow_steps(sm, seconds):
     return sm.model.register_forward_pre_hook(lambda m, a: time.sleep(seconds))
 
 
+def test_a_short_request_does_not_wait_for_a_long_one(env):
+    """Continuous batching: a short request that arrives while a long one decodes joins the running batch and
+    returns first; both equal their solo runs."""
+    sm, srv = env
+    slow = _slow_steps(sm, 0.02)
+    done = {}
+
+    def ask(name, prompt, max_tokens):
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}
+        r = _raw(srv, {**body, "ignore_eos": True})
+        done[name] = (time.perf_counter(), r.json()["choices"][0]["message"]["content"])
+
+    try:
+        long = threading.Thread(target=ask, args=("long", PROMPTS[2], 32))
+        long.start()
+        time.sleep(0.2)  # the long request is decoding
+        ask("short", PROMPTS[0], 2)
+        long.join(timeout=60)
+    finally:
+        slow.remove()
+    assert done["short"][0] < done["long"][0]
+    assert done["short"][1] == sm.generate([PROMPTS[0]], max_new_tokens=2, min_new_tokens=2)[0]
+    assert done["long"][1] == sm.generate([PROMPTS[2]], max_new_tokens=32, min_new_tokens=32)[0]
+
+
 def test_client_disconnect_mid_stream_stops_its_row(env):
     sm, srv = env
-    engine = srv.app.state.scheduler.engine
+    sched = srv.app.state.scheduler
     seen = []
-    real_run = engine.run
-
-    def run(jobs):
-        real_run(jobs)
-        seen.extend((j.finish_reason, j.completion_tokens) for j in jobs)
-
-    engine.run = run
+    sched.on_finished = lambda j: seen.append((j.finish_reason, j.completion_tokens))
     slow = _slow_steps(sm, 0.05)
     try:
         body = {"messages": [{"role": "user", "content": "w5 w6"}], "max_tokens": 32, "temperature": 0, "stream": True}
@@ -389,8 +526,9 @@ def test_client_disconnect_mid_stream_stops_its_row(env):
             time.sleep(0.05)
     finally:
         slow.remove()
-        engine.run = real_run
+        sched.on_finished = None
     assert seen and seen[0][0] == "cancelled" and seen[0][1] < 32  # the row stopped early: its slot is free
+    assert not sched.engine.jobs
     ok = _raw(srv, {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 2})
     assert ok.status_code == 200
 
@@ -442,7 +580,7 @@ def test_sigterm_finishes_requests_in_flight(tmp_path):
         assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] > 0
         # uvicorn re-raises the signal after its graceful shutdown (so the exit status says SIGTERM)
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
-        assert "stopped after 1 batches" in proc.stdout.read().decode()
+        assert "stopped after 1 requests" in proc.stdout.read().decode()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,6 +1,8 @@
 """Hook semantics on a tiny Llama: token scope under the KV cache and left padding, per-request α,
 the conditional gate, the input site, and hooks that always come off."""
 
+import contextlib
+
 import pytest
 import torch
 from capture import around, assert_unhooked, greedy
@@ -98,6 +100,28 @@ def test_conditional_gate_per_row_held_for_generated_tokens(sm, vec):
         for row in range(2):
             want = a[row] + 2.0 * vec.directions[2] if gate[row] else a[row]
             assert torch.equal(b[row], want)
+
+
+def test_gate_reads_its_block_before_any_steering_there_whatever_the_attach_order(sm, vec):
+    """A condition at layer 1 and another vector steering layer 1: the gate's score is the unsteered block output
+    (what it was calibrated on) whether the other handle was attached before or after it."""
+    ids, attn = _left_padded()
+    cdir = torch.randn(D)
+    with torch.no_grad():
+        hs = sm.model(ids, attention_mask=attn, output_hidden_states=True).hidden_states[1 + 1]
+    want = hs[:, -1].float() @ (cdir / cdir.norm())
+    cond = Condition(layer=1, direction=cdir, threshold=0.0)
+    other = SteeringVector({1: torch.randn(D) * 5})
+    for order in ("gate first", "other first"):
+        with contextlib.ExitStack() as stack:
+            if order == "other first":
+                stack.enter_context(sm.steer(other, alpha=3.0))
+            g = stack.enter_context(sm.steer(vec, alpha=2.0, layers=[2], condition=cond))
+            if order == "gate first":
+                stack.enter_context(sm.steer(other, alpha=3.0))
+            with torch.no_grad():
+                sm.model(ids, attention_mask=attn)
+            assert torch.equal(g.last_scores, want), order
 
 
 def test_conditional_from_vector_file_and_ordering_error(sm, vec, tmp_path):

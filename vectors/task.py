@@ -14,7 +14,7 @@ File layout (kind ``"task"``; ``directions`` is empty, everything lives in ``ext
     extra.task.<param>        dense delta, same shape and layout as the parameter
     extra.task.<param>.up     [out, R]   } low-rank delta in *Linear orientation*:
     extra.task.<param>.down   [R, in]    }   ΔW = up @ down, W the [out, in] weight of y = x Wᵀ
-    meta["task"] = {"params": {name: {"shape", "conv1d", "rank", "energy", "kept"}},
+    meta["task"] = {"params": {name: {"shape", "conv1d", "rank", "energy", "kept", "module"}},
                     "include", "exclude", "top_k", "rank", "role"}
 
 For a Linear weight W [out, in]: y = x Wᵀ + α·(x downᵀ) upᵀ. A GPT-2 ``Conv1D`` weight is stored as
@@ -58,6 +58,29 @@ def unique_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def conv1d_params(model: nn.Module) -> set[str]:
     """Names of GPT-2 style ``Conv1D`` weights (stored [in, out])."""
     return {f"{mod_name}.weight" if mod_name else "weight" for mod_name, mod in model.named_modules() if is_conv1d(mod)}
+
+
+def module_kinds(model) -> dict[str, str]:
+    """Each parameter's role, recorded in the file so exporters need no model: ``linear`` / ``conv1d`` (the
+    weight of a projection, what LoRA can carry), ``embedding`` (input or output embeddings, lm_head included),
+    ``bias``, or ``other`` (norms and the rest)."""
+    model = _unwrap(model)
+    emb = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    out = {}
+    for mname, mod in model.named_modules():
+        for pname, _ in mod.named_parameters(recurse=False):
+            name = f"{mname}.{pname}" if mname else pname
+            if isinstance(mod, nn.Embedding) or id(mod) in emb:
+                out[name] = "embedding"
+            elif pname == "bias":
+                out[name] = "bias"
+            elif pname == "weight" and isinstance(mod, nn.Linear):
+                out[name] = "linear"
+            elif pname == "weight" and is_conv1d(mod):
+                out[name] = "conv1d"
+            else:
+                out[name] = "other"
+    return out
 
 
 def _select(names, include: str | None, exclude: str | None) -> list[str]:
@@ -172,10 +195,13 @@ def compute_task_vector(
             fix="loosen the regexes",
         )
     conv = conv1d_params(base)
+    kinds = module_kinds(base)
     extra, params, skipped = {}, {}, []
     with progress_bar(progress, len(names), "task vector") as advance:
         for name in names:
             _one_tensor(name, pa, pb, conv, top_k, rank, extra, params, skipped)
+            if name in params:
+                params[name]["module"] = kinds.get(name, "other")
             if advance is not None:
                 advance(1)
     if not params:

@@ -1,7 +1,8 @@
 """``steer serve``: an OpenAI-compatible server in which every request carries its own steering.
 
 * :mod:`.protocol` — request parsing and the server's policy (what a client may ask for), OpenAI-shaped errors;
-* :mod:`.engine`   — batches: one ``generate`` per batch, per-row vectors, α, gates, sampling and stops;
+* :mod:`.engine`   — continuous batching (a step-level scheduler): per-row vectors, α, gates, sampling, stops;
+* :mod:`.kv`       — the running rows and their KV cache, which rows join and leave between decode steps;
 * :mod:`.app`      — the HTTP app (FastAPI): endpoints, API key, streaming, metrics.
 
 Needs the ``serve`` extra (``pip install "steer-runtime[serve]"``: fastapi, uvicorn, prometheus-client).
@@ -27,6 +28,7 @@ def load_policy(
     """Load ``NAME=FILE`` vectors and check each against ``sm`` now (a mismatch fails start-up, not a request);
     ``enforce``: ``NAME[:ALPHA]``; ``alpha_range``: ``LO,HI``."""
     from steer.config import SteeringConfig
+    from steer.kinds import KINDS
     from steer.resolve import resolve
     from steer.vector import SteeringVector
 
@@ -40,7 +42,14 @@ def load_policy(
         if name in loaded:
             raise ConfigError("vector name given twice", expected="distinct names", found=name, fix="rename one")
         vec = SteeringVector.load(path)
-        resolve(SteeringConfig(), vec, sm.model, layers_path=sm.layers_path)  # validates, attaches nothing
+        res = resolve(SteeringConfig(), vec, sm.model, layers_path=sm.layers_path)  # validates, attaches nothing
+        if not KINDS[res.kind].per_row:
+            raise ConfigError(
+                f"vector {name!r} ({path}) applies as {res.kind!r}, which cannot differ per request",
+                expected="a vector whose default mode is per-request (directions, or a task vector in per_request)",
+                found=f"recommended mode {res.mode!r}",
+                fix="re-save it with recommended mode 'per_request', or bake it into the model with `steer bake`",
+            )
         loaded[name] = vec
     lo, hi = -1e9, 1e9
     if alpha_range is not None:

@@ -21,6 +21,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from steer.errors import SteerError
 from steer.prompts import has_chat_template
 
 from .engine import Engine, Job, Scheduler
@@ -38,14 +39,20 @@ def create_app(sm, policy: Policy, *, model_name: str, api_key: str | None = Non
     m_tokens = Counter("steer_tokens_total", "prompt and completion tokens", ["kind"], registry=registry)
     m_vector = Counter("steer_vector_use_total", "requests steered by each vector", ["vector"], registry=registry)
     m_latency = Histogram("steer_request_seconds", "request latency", registry=registry)
-    m_batch = Histogram("steer_batch_size", "rows per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry)
+    m_batch = Histogram(
+        "steer_batch_size", "rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         # shutdown: the batches already queued finish, then the engine thread stops (its handles are off)
         await asyncio.get_running_loop().run_in_executor(None, scheduler.close)
-        print(f"steer serve: stopped after {scheduler.stats['batches']} batches; no steering left", file=sys.stderr)
+        st = scheduler.stats
+        print(
+            f"steer serve: stopped after {st['requests']} requests ({st['steps']} decode steps); no steering left",
+            file=sys.stderr,
+        )
 
     app = FastAPI(title="steer serve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.scheduler = scheduler
@@ -111,6 +118,11 @@ def create_app(sm, policy: Policy, *, model_name: str, api_key: str | None = Non
         return req
 
     def jobs_for(req: Request) -> list[Job]:
+        for i, spec in enumerate(req.steer):
+            try:
+                engine.resolved(spec)  # layers / mode / scope against the vector and the model, before queueing
+            except SteerError as exc:
+                raise bad(f"steer: {exc}", "steer" if len(req.steer) == 1 else f"steer[{i}]") from None
         ids = engine.tokenize(req)
         limit = engine.max_positions
         if limit is not None and len(ids) + req.sampling.max_tokens > limit:

@@ -1,29 +1,57 @@
-"""The batch engine behind ``steer serve``: requests that arrive together share one ``generate`` call, each row
-with its own vectors, α, gate, sampling parameters and stop conditions.
+"""The step-level engine behind ``steer serve`` (continuous batching over any transformers causal LM): requests
+join the running batch and leave it between decode steps, each row with its own vectors, α, gate, sampling
+parameters and stops, so a short request never waits for a long one.
 
-One handle per distinct (vector, layers, mode, scope) in the batch is attached for the batch (its rows that do
-not use it get α = 0, which leaves them bit-exactly unsteered) and removed afterwards, errors included. Per-row
-sampling is a logits processor that draws each sampled row's token with that request's own generator (so a
-seeded request gives the same text whatever its batchmates) and leaves greedy rows to argmax; per-row stops
-(``max_tokens``, stop strings, EOS, a client that went away) are a stopping criterion, which also streams each
-row's new text. Batching is per batch (a request that arrives while a batch runs waits for the next one); see
-docs/serving.md for what was measured and what continuous batching would add.
+One step of :class:`Scheduler`'s loop: the requests that arrived are prefilled together (one forward over their
+left-padded prompts, which also decides each conditional vector's gate on their rows) and joined to the running
+rows (:class:`steer.serve.kv.Rows`); then every running row is fed its next token in one decode forward; rows
+that finished leave. One steering handle per distinct (vector, layers, mode, scope) among the running rows is
+attached while a row uses it, with per-row values (the kind's neutral value, which leaves a row bit-exactly
+unsteered, for the rows that do not use it); each row carries its gate decision (``Steering.set_gates``) when
+the batch around it changes. Prefill and decode never share a forward, so a handle's token scope is decided per
+forward: prefill = prompt tokens, decode = generated tokens (``begin(0)``).
+
+Sampling is per row: greedy rows take the argmax, sampled rows draw with temperature and top-p from their own
+generator (a seeded request gives the same text whatever its batchmates). A failure while prefilling new rows
+fails those requests only (the running rows' cache is untouched); a failure in a decode step fails the rows in
+it. Either way the handles of the failed rows come off. See docs/serving.md for the measurements behind this
+design (against batch-level ``generate`` and transformers' own continuous batching).
 """
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
+import warnings
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from steer.config import SteeringConfig
+from steer.config import SteeringConfig, per_request_modes
+from steer.errors import ConfigError
+from steer.kinds import KINDS, attach
+from steer.resolve import resolve
 
+from .kv import ModelIO, Rows
 from .protocol import Request
+
+# generation_config settings that change which token greedy decoding picks; the server samples with the
+# request's parameters only (as OpenAI's API does) and says so at start-up when the model sets one of them
+_PROCESSORS = (
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "sequence_bias",
+    "min_new_tokens",
+    "min_length",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+)
+_NEUTRAL_PROCESSOR = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0}
 
 
 @dataclass
@@ -41,168 +69,261 @@ class Job:
     completion_tokens: int = 0
     gates: dict = field(default_factory=dict)  # vector -> {"open": bool, "score": float}
     error: Exception | None = None
+    tokens: list[int] = field(default_factory=list)
     _emitted: int = 0
+    _gen: torch.Generator | None = None
+    _gate_open: dict = field(default_factory=dict)  # config key -> bool
+
+    def generator(self) -> torch.Generator:
+        if self._gen is None:
+            s = self.request.sampling
+            self._gen = torch.Generator()
+            self._gen.manual_seed(s.seed + self.index if s.seed is not None else int(torch.randint(0, 2**62, (1,))))
+        return self._gen
 
 
-class _RowSampler(LogitsProcessor):
-    """Sampled rows: temperature and top-p, drawn with the row's generator; the logits become one-hot so that
-    ``generate``'s own draw picks that token. Greedy rows (temperature 0): one-hot at the argmax."""
-
-    def __init__(self, jobs: list[Job]):
-        self.jobs = jobs
-        self.gens = []
-        for j in jobs:
-            s = j.request.sampling
-            g = torch.Generator()
-            g.manual_seed(s.seed + j.index if s.seed is not None else int(torch.randint(0, 2**62, (1,))))
-            self.gens.append(g)
-
-    def __call__(self, input_ids, scores):
-        out = torch.full_like(scores, float("-inf"))
-        for i, j in enumerate(self.jobs):
-            s = j.request.sampling
-            row = scores[i].float()
-            if s.temperature == 0.0:
-                tok = int(row.argmax())
-            else:
-                probs = torch.softmax(row / s.temperature, dim=-1)
-                if s.top_p < 1.0:
-                    sp, idx = probs.sort(descending=True)
-                    keep = sp.cumsum(0) - sp < s.top_p  # the smallest set whose mass reaches top_p
-                    probs = torch.zeros_like(probs).scatter(0, idx[keep], sp[keep])
-                tok = int(torch.multinomial(probs.cpu(), 1, generator=self.gens[i]))
-            out[i, tok] = 0.0
-        return out
-
-
-class _RowStops(StoppingCriteria):
-    """Per-row stop: max_tokens, stop strings, EOS, cancellation; streams each row's new text."""
-
-    def __init__(self, jobs: list[Job], tokenizer, prompt_len: int, eos: set[int]):
-        self.jobs, self.tok, self.prompt_len, self.eos = jobs, tokenizer, prompt_len, eos
-        self.done = [False] * len(jobs)
-
-    def _text(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def __call__(self, input_ids, scores, **kwargs):
-        for i, j in enumerate(self.jobs):
-            if self.done[i]:
-                continue
-            s = j.request.sampling
-            n_new = input_ids.shape[1] - self.prompt_len
-            last = int(input_ids[i, -1]) if n_new else None
-            reason = "stop" if last in self.eos else ("length" if n_new >= s.max_tokens else None)
-            if j.cancelled:
-                reason = reason or "cancelled"
-            if reason is None and j.on_delta is None and not s.stop:
-                continue  # nothing to look at in the text until the row ends: no decode on this step
-            new = input_ids[i, self.prompt_len :].tolist()
-            if last in self.eos:
-                new = new[:-1]
-            text = self._text(new)
-            cut = min((k for k in (text.find(t) for t in s.stop) if k >= 0), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
-            j.completion_tokens = n_new
-            self._emit(j, text, final=reason is not None)
-            if reason is not None:
-                self.done[i] = True
-                j.finish_reason, j.text = reason, text
-        return torch.tensor(self.done, device=input_ids.device)
-
-    @staticmethod
-    def _emit(j: Job, text: str, final: bool) -> None:
-        hold = 0 if final else max((len(t) - 1 for t in j.request.sampling.stop), default=0)
-        upto = len(text) - hold
-        if not final and text[:upto].endswith("\ufffd"):  # an unfinished multi-byte character
-            upto -= 1
-        if upto > j._emitted and j.on_delta is not None:
-            j.on_delta(text[j._emitted : upto])
-        j._emitted = max(j._emitted, upto)
+def _sample(logits: torch.Tensor, jobs: list[Job]) -> list[int]:
+    """One token per row: the argmax for greedy rows, a draw with temperature and top-p for sampled rows."""
+    picks = logits.argmax(-1).tolist()
+    for i, j in enumerate(jobs):
+        s = j.request.sampling
+        if s.temperature == 0.0:
+            continue
+        probs = torch.softmax(logits[i].float().cpu() / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            sp, idx = probs.sort(descending=True)
+            keep = sp.cumsum(0) - sp < s.top_p  # the smallest set whose mass reaches top_p
+            probs = torch.zeros_like(probs).scatter(0, idx[keep], sp[keep])
+        picks[i] = int(torch.multinomial(probs, 1, generator=j.generator()))
+    return picks
 
 
 class Engine:
-    """Runs batches of jobs on ``sm`` with the policy's vectors (see module docstring)."""
+    """The model, its steering handles and the running rows (see the module docstring). Not thread-safe: the
+    :class:`Scheduler` thread alone calls :meth:`add` and :meth:`step`."""
 
     def __init__(self, sm, policy):
         self.sm, self.policy = sm, policy
         tok = sm.tokenizer
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        eos = sm.model.generation_config.eos_token_id
+        gc = sm.model.generation_config
+        eos = gc.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else ([eos] if eos is not None else [tok.eos_token_id]))
         self.max_positions = getattr(sm.model.config, "max_position_embeddings", None)
+        self.io = ModelIO.of(sm.model)
+        self.device = next(sm.model.parameters()).device
+        changed = [
+            n for n in _PROCESSORS if getattr(gc, n, None) not in (None, _NEUTRAL_PROCESSOR.get(n), [], {})
+        ]  # fmt: skip
+        if changed:
+            warnings.warn(
+                f"the model's generation_config sets {', '.join(changed)}; steer serve samples with each request's "
+                "own parameters only (as OpenAI's API does), so its greedy text can differ from model.generate's",
+                stacklevel=2,
+            )
+        self.jobs: list[Job] = []  # the running rows, in batch order
+        self.rows: Rows | None = None
+        self.handles: dict = {}  # config key -> (handle, neutral value, conditional)
+        self._dirty = True  # the handles' per-row values do not describe self.jobs
+        self._resolved: dict = {}  # config key -> Resolved
+        self.steps = 0
 
     def tokenize(self, req: Request) -> list[int]:
         return self.sm.tokenizer(req.prompt, add_special_tokens=req.kind != "chat")["input_ids"]
 
+    @property
+    def can_join(self) -> bool:
+        """Whether new rows may join now (a cache that cannot be merged takes new rows into an empty batch)."""
+        return self.rows is None or self.rows.mergeable
+
+    # ------------------------------------------------------------------ handles
+    def resolved(self, spec):
+        """``spec`` resolved against its vector and the model (validated; a SteerError says what is wrong).
+        Pure (nothing is attached), so the HTTP layer calls it before queueing; results are kept per config key."""
+        key = spec.config_key()
+        res = self._resolved.get(key)
+        if res is None:
+            cfg = SteeringConfig(layers=list(spec.layers) if spec.layers else None, mode=spec.mode, scope=spec.scope)
+            res = resolve(cfg, self.policy.vectors[spec.vector], self.sm.model, layers_path=self.sm.layers_path)
+            if not KINDS[res.kind].per_row:
+                raise ConfigError(
+                    f"vector {spec.vector!r} in mode {res.mode!r} cannot be applied per request",
+                    expected="a per-request mode: " + ", ".join(per_request_modes()),
+                    found=f"{res.kind} (mode {res.mode!r})",
+                    fix="ask for mode 'per_request' (task vectors) or an op; bake merged weights with `steer bake`",
+                )
+            if len(self._resolved) >= 256:
+                self._resolved.pop(next(iter(self._resolved)))
+            self._resolved[key] = res
+        return res
+
+    def _handle(self, key, spec):
+        if key not in self.handles:
+            res = self.resolved(spec)
+            self.handles[key] = (attach(self.sm.model, res), KINDS[res.kind].neutral, res.condition is not None)
+        return self.handles[key]
+
+    def _set_rows(self, jobs: list[Job], prompt_length: int, carry_gates: bool) -> None:
+        """Give every handle one value per row of ``jobs`` (and the rows' gates when ``carry_gates``)."""
+        for key, (h, neutral, conditional) in self.handles.items():
+            h.set_alphas(
+                [next((s.alpha for s in j.request.steer if s.config_key() == key), neutral) for j in jobs]
+            )  # fmt: skip
+            if conditional and carry_gates:
+                h.set_gates([j._gate_open.get(key, False) for j in jobs])
+            h.begin(prompt_length)
+
+    def _drop_unused(self) -> None:
+        used = {s.config_key() for j in self.jobs for s in j.request.steer}
+        for key in [k for k in self.handles if k not in used]:
+            self.handles.pop(key)[0].remove()
+
+    def close(self) -> None:
+        """Remove every handle (the model is as it was loaded)."""
+        for h, _, _ in self.handles.values():
+            h.remove()
+        self.handles.clear()
+
+    # ------------------------------------------------------------------ rows in and out
     @torch.no_grad()
-    def run(self, jobs: list[Job]) -> None:
-        """Generate every job's completion in one batch; fills ``text``, ``finish_reason``, ``gates``."""
-        sm, tok = self.sm, self.sm.tokenizer
+    def add(self, jobs: list[Job]) -> list[Job]:
+        """Prefill ``jobs`` and join them to the running rows; returns the jobs that already finished (a first
+        token that ends them, or an error, which fails these jobs only)."""
+        try:
+            return self._add(jobs)
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not take the server down
+            for j in jobs:
+                j.error = exc
+            self._dirty = True
+            self._drop_unused()
+            return jobs
+
+    def _add(self, jobs: list[Job]) -> list[Job]:
+        tok = self.sm.tokenizer
+        for j in jobs:
+            for s in j.request.steer:
+                self._handle(s.config_key(), s)
         width = max(len(j.prompt_ids) for j in jobs)
-        device = next(sm.model.parameters()).device
         ids = torch.full((len(jobs), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
         for i, j in enumerate(jobs):
             ids[i, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
             mask[i, width - len(j.prompt_ids) :] = 1
-        configs: dict = {}
-        for j in jobs:
-            for spec in j.request.steer:
-                configs.setdefault(spec.config_key(), spec)
-        sampling = any(j.request.sampling.temperature > 0 for j in jobs)
-        stops = _RowStops(jobs, tok, width, self.eos)
-        with contextlib.ExitStack() as stack:
-            handles = {}
-            for key, spec in configs.items():
-                cfg = SteeringConfig(
-                    layers=list(spec.layers) if spec.layers else None, mode=spec.mode, scope=spec.scope
-                )
-                h = stack.enter_context(sm.steer(self.policy.vectors[spec.vector], cfg))
-                alphas = [next((s.alpha for s in j.request.steer if s.config_key() == key), 0.0) for j in jobs]
-                h.set_alphas(alphas)
-                h.begin(width)
-                handles[key] = h
-            out = sm.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max(j.request.sampling.max_tokens for j in jobs),
-                do_sample=sampling,
-                top_k=0 if sampling else None,
-                logits_processor=LogitsProcessorList([_RowSampler(jobs)]) if sampling else None,
-                stopping_criteria=StoppingCriteriaList([stops]),
-                pad_token_id=tok.pad_token_id,
-            )
-            for key, h in handles.items():
-                scores, gate = getattr(h, "last_scores", None), getattr(h, "last_gate", None)
-                if scores is None:
-                    continue
-                for i, j in enumerate(jobs):
-                    if any(s.config_key() == key for s in j.request.steer):
-                        j.gates[key[0]] = {"open": bool(gate[i]), "score": round(float(scores[i]), 6)}
-        for i, j in enumerate(jobs):
-            if j.finish_reason is None:  # not seen ending by the criterion (it runs after every step): keep it all
-                new = out[i, width:].tolist()
-                j.text, j.finish_reason, j.completion_tokens = (
-                    tok.decode(new, skip_special_tokens=True),
-                    "length",
-                    len(new),
-                )
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        self._set_rows(jobs, width, carry_gates=False)  # the prefill decides the gates of these rows
+        self._dirty = True
+        logits, cache = self.io.forward(self.sm.model, ids, mask, pos, None)
+        for key, (h, _, conditional) in self.handles.items():
+            if not conditional or h.last_gate is None:
+                continue
+            for i, j in enumerate(jobs):
+                if any(s.config_key() == key for s in j.request.steer):
+                    j._gate_open[key] = bool(h.last_gate[i])
+                    j.gates[key[0]] = {"open": bool(h.last_gate[i]), "score": round(float(h.last_scores[i]), 6)}
+        picks = _sample(logits, jobs)
+        rows = Rows.from_prefill(cache, mask, torch.tensor(picks, device=self.device))
+        done = self._record(jobs, picks)
+        live = [i for i, j in enumerate(jobs) if j.finish_reason is None]
+        if len(live) < len(jobs):
+            if not live:
+                self._drop_unused()
+                return done
+            rows.keep(live)
+        if self.rows is None:
+            self.rows = rows
+        else:
+            self.rows.join(rows)
+        self.jobs.extend(jobs[i] for i in live)
+        self._drop_unused()
+        return done
+
+    @torch.no_grad()
+    def step(self) -> list[Job]:
+        """One decode step for every running row; returns the jobs that finished."""
+        if not self.jobs:
+            return []
+        try:
+            if self._dirty:
+                self._set_rows(self.jobs, 0, carry_gates=True)  # 0: every token fed now is a generated one
+                self._dirty = False
+            r = self.rows
+            mask = torch.cat([r.mask, r.mask.new_ones(len(r), 1)], dim=1)
+            logits, cache = self.io.forward(self.sm.model, r.next_ids[:, None], mask, r.pos[:, None], r.cache)
+            picks = _sample(logits, self.jobs)
+            r.advance(cache, torch.tensor(picks, device=self.device))
+            self.steps += 1
+            done = self._record(self.jobs, picks)
+        except Exception as exc:  # noqa: BLE001 - fail the rows of this step, keep serving
+            for j in self.jobs:
+                j.error = exc
+            done, self.jobs, self.rows = self.jobs, [], None
+            self.close()
+            self._dirty = True
+            return done
+        if done:
+            live = [i for i, j in enumerate(self.jobs) if j.finish_reason is None]
+            self.jobs = [self.jobs[i] for i in live]
+            if live:
+                self.rows.keep(live)
+            else:
+                self.rows = None
+            self._dirty = True
+            self._drop_unused()
+        return done
+
+    def _record(self, jobs: list[Job], picks: list[int]) -> list[Job]:
+        """Append each row's new token; finish rows at EOS, ``max_tokens``, a stop string or cancellation;
+        stream new text."""
+        done = []
+        for j, t in zip(jobs, picks):
+            j.tokens.append(t)
+            s = j.request.sampling
+            eos = t in self.eos and not s.ignore_eos
+            reason = "stop" if eos else ("length" if len(j.tokens) >= s.max_tokens else None)
+            if j.cancelled:
+                reason = reason or "cancelled"
+            if reason is None and j.on_delta is None and not s.stop:
+                continue  # nothing to look at in the text until the row ends: no decode on this step
+            new = j.tokens[:-1] if eos else j.tokens
+            text = self.sm.tokenizer.decode(new, skip_special_tokens=True)
+            cut = min((k for k in (text.find(x) for x in s.stop) if k >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+            j.completion_tokens = len(j.tokens)
+            _emit(j, text, final=reason is not None)
+            if reason is not None:
+                j.finish_reason, j.text = reason, text
+                done.append(j)
+        return done
+
+
+def _emit(j: Job, text: str, final: bool) -> None:
+    """Stream the part of ``text`` not sent yet, holding back what could still become a stop string or an
+    unfinished multi-byte character."""
+    hold = 0 if final else max((len(t) - 1 for t in j.request.sampling.stop), default=0)
+    upto = len(text) - hold
+    if not final and text[:upto].endswith("\ufffd"):
+        upto -= 1
+    if upto > j._emitted and j.on_delta is not None:
+        j.on_delta(text[j._emitted : upto])
+    j._emitted = max(j._emitted, upto)
 
 
 class Scheduler:
-    """A thread that takes waiting jobs in batches of at most ``max_batch`` and runs them on the engine. A job
-    whose batch fails gets the error; the others in later batches are unaffected (handles come off in the
-    engine's ``finally``)."""
+    """A thread that runs the engine's loop: admit waiting jobs (up to ``max_batch`` running rows), prefill
+    them, decode one step, hand finished jobs back (``on_done``). ``max_batch=1`` serves one request at a
+    time."""
 
-    def __init__(self, engine: Engine, max_batch: int = 64, window_s: float = 0.005):
+    def __init__(self, engine: Engine, max_batch: int = 64, window_s: float = 0.002):
         self.engine, self.max_batch, self.window_s = engine, max_batch, window_s
         self.q: queue.Queue = queue.Queue()
-        self.stats = {"batches": 0, "max_batch_seen": 0}
-        self.on_batch = None  # callable(size), e.g. a metrics histogram
-        self._stop = threading.Event()
+        self.waiting: deque = deque()
+        self.stats = {"requests": 0, "steps": 0, "prefills": 0, "max_batch_seen": 0}
+        self.on_batch = None  # callable(rows) per decode step, e.g. a metrics histogram
+        self.on_finished = None  # callable(job) per finished job, before its on_done
+        self._closing = False
         self.thread = threading.Thread(target=self._loop, name="steer-serve-engine", daemon=True)
         self.thread.start()
 
@@ -210,41 +331,60 @@ class Scheduler:
         for j in jobs:
             self.q.put(j)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
+    def _take(self, block: bool) -> None:
+        """Move arrived jobs from the queue to ``waiting`` (blocking briefly when there is nothing to do)."""
+        try:
+            first = self.q.get(timeout=0.1) if block else self.q.get_nowait()
+        except queue.Empty:
+            return
+        items, deadline = [first], time.monotonic() + (self.window_s if block else 0.0)
+        while True:  # a burst that arrives together is prefilled together
             try:
-                first = self.q.get(timeout=0.1)
+                items.append(self.q.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
-                continue
-            if first is None:
                 break
-            batch = [first]
-            deadline = time.monotonic() + self.window_s
-            while len(batch) < self.max_batch:
-                try:
-                    j = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
+        for j in items:
+            if j is None:
+                self._closing = True
+            else:
+                self.waiting.append(j)
+
+    def _finish(self, jobs: list[Job]) -> None:
+        for j in jobs:
+            self.stats["requests"] += 1
+            if self.on_finished is not None:
+                self.on_finished(j)
+            if j.on_done is not None:
+                j.on_done(j)
+
+    def _loop(self) -> None:
+        eng = self.engine
+        try:
+            while True:
+                self._take(block=not eng.jobs and not self.waiting)
+                gone = [j for j in self.waiting if j.cancelled]
+                for j in gone:
+                    self.waiting.remove(j)
+                    j.finish_reason = "cancelled"
+                self._finish(gone)
+                room = self.max_batch - len(eng.jobs) if eng.can_join else 0
+                if room > 0 and self.waiting:
+                    new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+                    self.stats["prefills"] += 1
+                    self._finish(eng.add(new))
+                if eng.jobs:
+                    n = len(eng.jobs)
+                    self._finish(eng.step())
+                    self.stats["steps"] += 1
+                    self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], n)
+                    if self.on_batch is not None:
+                        self.on_batch(n)
+                elif self._closing and not self.waiting and self.q.empty():
                     break
-                if j is None:
-                    self._stop.set()
-                    break
-                batch.append(j)
-            batch = [j for j in batch if not j.cancelled]
-            if batch:
-                try:
-                    self.engine.run(batch)
-                except Exception as exc:  # one failed batch fails its jobs, and the server keeps serving
-                    for j in batch:
-                        j.error = exc
-                self.stats["batches"] += 1
-                self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
-                if self.on_batch is not None:
-                    self.on_batch(len(batch))
-                for j in batch:
-                    if j.on_done is not None:
-                        j.on_done(j)
+        finally:
+            eng.close()
 
     def close(self) -> None:
-        """Finish the jobs already queued, then stop."""
+        """Finish the jobs running and queued, then stop (every handle comes off)."""
         self.q.put(None)
-        self.thread.join(timeout=60)
+        self.thread.join(timeout=120)

@@ -70,6 +70,7 @@ class Sampling:
     seed: int | None
     stop: tuple[str, ...]
     n: int
+    ignore_eos: bool = False  # vLLM's extra parameter: generate exactly max_tokens (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -180,4 +181,7 @@ def parse_sampling(body: dict, policy: Policy) -> Sampling:
     else:
         raise bad("stop must be a string or a list of at most 4 non-empty strings", "stop", "invalid_type")
     n = _number(body.get("n", 1) if body.get("n") is not None else 1, "n", lo=1, hi=policy.max_n, integer=True)
-    return Sampling(int(max_tokens), temperature, top_p, seed, stop, int(n))
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad(f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos", "invalid_type")
+    return Sampling(int(max_tokens), temperature, top_p, seed, stop, int(n), ignore_eos)
