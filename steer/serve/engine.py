@@ -352,10 +352,13 @@ class Scheduler:
     def _finish(self, jobs: list[Job]) -> None:
         for j in jobs:
             self.stats["requests"] += 1
-            if self.on_finished is not None:
-                self.on_finished(j)
-            if j.on_done is not None:
-                j.on_done(j)
+            for callback in (self.on_finished, j.on_done):
+                if callback is None:
+                    continue
+                try:
+                    callback(j)
+                except Exception as exc:  # noqa: BLE001 - e.g. a closed event loop: the engine serves on
+                    warnings.warn(f"steer serve: a completion callback failed: {exc!r}", RuntimeWarning, stacklevel=1)
 
     def _loop(self) -> None:
         eng = self.engine
