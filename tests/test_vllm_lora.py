@@ -9,8 +9,7 @@ import os
 
 import pytest
 import torch
-import transformers as tf
-from tiny_models import tiny_tokenizer
+from tiny_models import tiny_tokenizer, wide_model
 
 vllm = pytest.importorskip("vllm")
 peft = pytest.importorskip("peft")
@@ -22,29 +21,12 @@ PROMPTS = ["w10 w11 w12", "w20 w21", "w30 w31 w32 w33"]
 ALPHAS = [0.5, 1.0]
 
 
-def wide_llama(seed: int):
-    torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    return tf.LlamaForCausalLM(cfg).float().eval()
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: no spawn
     root = tmp_path_factory.mktemp("vllm_lora")
-    base, aligned = wide_llama(0), wide_llama(1)
+    base, aligned = wide_model("llama", 0), wide_model("llama", 1)
     base.save_pretrained(root / "base")
     tiny_tokenizer().save_pretrained(root / "base")
     tau = compute_task_vector(aligned, base, include=r"proj", rank=8, progress=False)
@@ -71,11 +53,11 @@ def test_vllm_serves_the_exported_adapter_like_peft(served):
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     plain = llm.generate(PROMPTS, sp)
     for p, o in zip(PROMPTS, plain):
-        assert list(o.outputs[0].token_ids) == _hf_greedy(wide_llama(0), p)
+        assert list(o.outputs[0].token_ids) == _hf_greedy(wide_model("llama", 0), p)
     for i, (tag, rep) in enumerate(reports.items(), start=1):
         assert rep["max_truncation_error"] < 1e-5
         outs = llm.generate(PROMPTS, sp, lora_request=LoRARequest(tag, i, rep["dir"]))
-        pm = peft.PeftModel.from_pretrained(wide_llama(0), rep["dir"]).eval()
+        pm = peft.PeftModel.from_pretrained(wide_model("llama", 0), rep["dir"]).eval()
         changed = False
         for p, o, o0 in zip(PROMPTS, outs, plain):
             got = list(o.outputs[0].token_ids)

@@ -9,8 +9,7 @@ import os
 
 import pytest
 import torch
-import transformers as tf
-from tiny_models import tiny_tokenizer
+from tiny_models import tiny_tokenizer, wide_model
 
 vllm = pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -21,39 +20,6 @@ from steer import SteeredModel, SteeringVector  # noqa: E402
 LONG = [4] + [10 + (7 * i) % 80 for i in range(67)] + [5, 6]  # 70 tokens: two 32-token cache blocks, five chunks
 PROMPTS = [[4, 10, 11, 12, 5, 6], [4, 20, 21, 5, 6], [4, 30, 31, 32, 33, 34, 35, 5, 6], LONG]
 N = 8
-
-
-def wide(family: str, seed: int = 0):
-    torch.manual_seed(seed)
-    if family == "opt":
-        cfg = tf.OPTConfig(
-            vocab_size=96, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=2,
-            word_embed_proj_dim=64, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-        )  # fmt: skip
-        return tf.OPTForCausalLM(cfg).float().eval()
-    if family == "qwen3":
-        cfg = tf.Qwen3Config(
-            vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=32, max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
-            bos_token_id=2,
-        )  # fmt: skip
-        return tf.Qwen3ForCausalLM(cfg).float().eval()
-    if family == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=96, n_embd=64, n_layer=3, n_head=2, n_positions=256, eos_token_id=1)
-        return tf.GPT2LMHeadModel(cfg).float().eval()
-    cfg = tf.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    return tf.LlamaForCausalLM(cfg).float().eval()
 
 
 def _engine(path):
@@ -73,13 +39,19 @@ def _engine(path):
 def engine(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(f"vllm_{family}")
-    model = wide(family)
+    model = wide_model(family)
     model.save_pretrained(root / "m")
     tiny_tokenizer().save_pretrained(root / "m")
     g = torch.Generator().manual_seed(7)
     vecs = {
         "a": SteeringVector({1: torch.randn(64, generator=g) * 3}, {"kind": "custom"}),
         "b": SteeringVector({2: torch.randn(64, generator=g) * 3, 0: torch.randn(64, generator=g)}, {"kind": "custom"}),
+        "abl": SteeringVector(
+            {1: torch.randn(64, generator=g)}, {"kind": "refusal", "recommended": {"mode": "ablate"}}
+        ),
+        "aa": SteeringVector(
+            {2: torch.randn(64, generator=g) * 3}, {"kind": "refusal", "recommended": {"mode": "ablate_add"}}
+        ),
     }
     files = {n: v.save(root / f"{n}.safetensors") for n, v in vecs.items()}
     env = {"STEER_VECTORS": ",".join(f"{n}={f}" for n, f in files.items())}
@@ -129,6 +101,7 @@ def _hf(sm, vecs, ids, spec):
     from steer.config import SteeringConfig
 
     specs = [] if spec is None else (spec if isinstance(spec, list) else [spec])
+    specs = sorted(specs, key=lambda s: list(vecs).index(s["vector"]))  # the plugin composes in load order
     toks, lps = [], []
     x = torch.tensor([ids])
     with contextlib.ExitStack() as stack, torch.no_grad():
@@ -155,6 +128,9 @@ CASES = [
     {"vector": "b", "alpha": 2.0, "layers": [2]},
     {"vector": "a", "alpha": 3.0, "scope": "prompt"},
     {"vector": "a", "alpha": 3.0, "scope": "generated"},
+    {"vector": "abl", "alpha": 1.0},
+    {"vector": "aa", "alpha": 1.5},
+    [{"vector": "abl", "alpha": 1.0}, {"vector": "a", "alpha": 2.0}],
 ]
 
 
@@ -176,7 +152,11 @@ def test_mixed_batch_equals_requests_alone_and_unsteered_equals_vanilla(engine):
     cases = [(PROMPTS[i % len(PROMPTS)], spec) for i, spec in enumerate(CASES)]
     mixed = _run(llm, cases)
     for case, got in zip(cases, mixed):
-        assert _run(llm, [case]) == [got], (family, case[1])
+        # same tokens; logprobs to a few ulps (vLLM's own CPU kernels are not bit-invariant to the batch shape:
+        # GPT-2 shows it on unsteered requests too, and the plugin's op is row-wise, so it adds none of its own)
+        (alone,) = _run(llm, [case])
+        assert alone[0] == got[0], (family, case[1])
+        assert max(abs(a - b) for a, b in zip(alone[1], got[1])) < 1e-5, (family, case[1])
     vanilla = [_hf(sm, vecs, ids, None) for ids, _ in cases[:2]]
     assert [m[0] for m in mixed[:2]] == [v[0] for v in vanilla]  # no steer field, and α = 0: vanilla tokens
     assert mixed[0] == mixed[1] or PROMPTS[0] != PROMPTS[1 % len(PROMPTS)]
@@ -233,7 +213,7 @@ def test_unsteered_requests_are_bit_for_bit_vanilla_vllm(engine):
 
 
 def test_an_unsupported_architecture_is_refused_by_name(tmp_path):
-    model = wide("opt")
+    model = wide_model("opt")
     model.save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
     f = SteeringVector({1: torch.randn(64)}, {"kind": "custom"}).save(tmp_path / "v.safetensors")
@@ -260,7 +240,7 @@ def test_openai_server_takes_steer_serves_json_in_vllm_xargs(tmp_path):
 
     httpx = pytest.importorskip("httpx")
     openai = pytest.importorskip("openai")
-    model = wide("llama")
+    model = wide_model("llama")
     model.save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
     vec = SteeringVector({1: torch.randn(64, generator=torch.Generator().manual_seed(3)) * 3}, {"kind": "custom"})

@@ -110,6 +110,29 @@ def tiny_model(name: str = "llama", seed: int = 0):
     return model.float().eval()
 
 
+def wide_model(name: str = "llama", seed: int = 0):
+    """Like :func:`tiny_model` but 64 wide with 2 heads of 32 and 3 layers: vLLM's CPU attention refuses head
+    sizes of 16 and below (tests/test_vllm_*.py)."""
+    torch.manual_seed(seed)
+    ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if name == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=V, n_embd=64, n_layer=3, n_head=2, n_positions=256, **ids)
+        return tf.GPT2LMHeadModel(cfg).float().eval()
+    if name == "opt":
+        cfg = tf.OPTConfig(
+            vocab_size=V, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=2,
+            word_embed_proj_dim=64, max_position_embeddings=256, **ids,
+        )  # fmt: skip
+        return tf.OPTForCausalLM(cfg).float().eval()
+    common = dict(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, **ids,
+    )  # fmt: skip
+    if name == "qwen3":
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=32)).float().eval()
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**common)).float().eval()
+
+
 def tiny_tokenizer():
     """A word-level tokenizer over the tiny vocab ('w0' .. 'w95'), left padding, with a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers

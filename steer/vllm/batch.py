@@ -48,8 +48,11 @@ def parse_request(extra_args, policy: Policy):
     except APIError as exc:
         raise ValueError(f"steer: {exc.message}") from None
     for s in specs:
-        if s.mode not in (None, "add"):
-            raise ValueError(f"steer: mode {s.mode!r} is not served by steer's vLLM plugin yet (only 'add')")
+        if s.mode is not None:
+            raise ValueError(
+                f"steer: the vLLM plugin applies each vector in its file's mode; a request cannot set mode "
+                f"({s.mode!r}) yet"
+            )
     return specs
 
 

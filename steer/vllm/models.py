@@ -5,14 +5,15 @@ Two layer contracts:
 
 * **Llama, Mistral, Qwen2, Qwen3** return ``(hidden_states, residual)``. The residual stream, which is
   transformers' block output, is their sum; it is materialised only inside the next layer's fused add-norm (or
-  the final norm). Adding ``Σ_k c_k·v_k`` to ``residual`` therefore steers exactly what steer's hooks steer in
-  transformers: ``h_out + α·v``.
+  the final norm). The wrapper steers that sum as steer's hooks steer transformers' block output and returns
+  ``(steered, 0)``: the next layer's fused add then computes ``steered + 0``, and for a step in which no token is
+  steered that is bit for bit the ``hidden + residual`` vanilla vLLM computes.
 * **GPT-2** blocks return the stream itself; the steering is added to it. Block forwards get no positions, so
   the model's forward records them for the layers (for token scopes).
 
-Per token, the coefficients come from :meth:`steer.vllm.state.SteerState.token_coef`: the token's slot (from
-``query_start_loc`` in vLLM's forward context) selects its request's α per vector at this layer, masked by
-the request's scope. A row whose request is unsteered adds exactly 0.
+Per token, :meth:`steer.vllm.state.SteerState.steer` applies each vector's op (add, ablate, ablate_add, ace)
+with the coefficients of the token's request: its slot (from ``query_start_loc`` in vLLM's forward context)
+selects its α per vector at this layer, masked by its scope. A token whose request is unsteered is unchanged.
 
 vLLM's CPU platform compiles the model by default (one Dynamo trace). A layer wrapper that reads per-step
 state would be traced once and replayed with stale values, which would steer silently wrong, so a model that is
@@ -82,12 +83,11 @@ def _setup(model, vllm_config, layers) -> SteerState | None:
     return state
 
 
-def _delta(state: SteerState, layer: int, positions: torch.Tensor, like: torch.Tensor):
+def _steered(state: SteerState, layer: int, positions: torch.Tensor, x: torch.Tensor):
     qsl = _query_start_loc()
     if qsl is None:
         return None
-    coef = state.token_coef(layer, positions, qsl)  # [T, K]
-    return (coef @ state.bank[layer]).to(like.dtype)
+    return state.steer(layer, x, positions, qsl)
 
 
 def _wrap_residual_layer(layer, index: int, state: SteerState) -> None:
@@ -95,45 +95,33 @@ def _wrap_residual_layer(layer, index: int, state: SteerState) -> None:
 
     def forward(positions, hidden_states, residual, *args, **kwargs):
         h, r = inner(positions, hidden_states, residual, *args, **kwargs)
-        d = _delta(state, index, positions, r)
-        return (h, r) if d is None else (h, r + d)
+        x = _steered(state, index, positions, h + r)  # the residual stream = transformers' block output
+        # (x, 0): the next layer's fused add (and the final norm) computes x + 0 = x, bit for bit what vanilla
+        # computes from (h, r) when no token is steered
+        return (h, r) if x is None else (x, torch.zeros_like(r))
 
     layer.forward = forward
 
 
-class _ResidualFamily:
-    def _steer_init(self, vllm_config) -> None:
+def _residual_family(base):
+    """A subclass of vLLM's ``base`` whose steered decoder layers are wrapped after vLLM builds the model."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        base.__init__(self, vllm_config=vllm_config, prefix=prefix)
         layers = self.model.layers
         state = _setup(self, vllm_config, layers)
-        if state is None:
-            return
-        for i in state.layers:
-            if not isinstance(layers[i], PPMissingLayer):
-                _wrap_residual_layer(layers[i], i, state)
+        if state is not None:
+            for i in state.layers:
+                if not isinstance(layers[i], PPMissingLayer):
+                    _wrap_residual_layer(layers[i], i, state)
+
+    return type(f"Steered{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
 
 
-class SteeredLlamaForCausalLM(_ResidualFamily, LlamaForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._steer_init(vllm_config)
-
-
-class SteeredMistralForCausalLM(_ResidualFamily, MistralForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._steer_init(vllm_config)
-
-
-class SteeredQwen2ForCausalLM(_ResidualFamily, Qwen2ForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._steer_init(vllm_config)
-
-
-class SteeredQwen3ForCausalLM(_ResidualFamily, Qwen3ForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._steer_init(vllm_config)
+SteeredLlamaForCausalLM = _residual_family(LlamaForCausalLM)
+SteeredMistralForCausalLM = _residual_family(MistralForCausalLM)
+SteeredQwen2ForCausalLM = _residual_family(Qwen2ForCausalLM)
+SteeredQwen3ForCausalLM = _residual_family(Qwen3ForCausalLM)
 
 
 class SteeredGPT2LMHeadModel(GPT2LMHeadModel):
@@ -158,8 +146,8 @@ class SteeredGPT2LMHeadModel(GPT2LMHeadModel):
 
             def forward(hidden_states, _inner=inner, _i=i):
                 out = _inner(hidden_states)
-                d = _delta(state, _i, seen["positions"], out)
-                return out if d is None else out + d
+                x = _steered(state, _i, seen["positions"], out)
+                return out if x is None else x
 
             blocks[i].forward = forward
 
