@@ -52,7 +52,28 @@ def engine(request, tmp_path_factory):
         "aa": SteeringVector(
             {2: torch.randn(64, generator=g) * 3}, {"kind": "refusal", "recommended": {"mode": "ablate_add"}}
         ),
+        "src": SteeringVector(  # steers layer 2 with layer 1's direction, as its file recommends
+            {i: torch.randn(64, generator=g) * 3 for i in range(3)},
+            {"kind": "refusal", "recommended": {"layers": [2], "source_layer": 1}},
+        ),
     }
+    # a gate read at block 0's last prompt token, with its threshold between the prompts' scores (both sides)
+    cdir = torch.randn(64, generator=g)
+    with torch.no_grad():
+        scores = [
+            float(model(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states[1][0, -1] @ cdir)
+            / float(cdir.norm())
+            for p in PROMPTS
+        ]
+    vecs["gated"] = SteeringVector(
+        {2: torch.randn(64, generator=g) * 4},
+        {
+            "kind": "refusal",
+            "condition": {"layer": 0, "threshold": sorted(scores)[1] + 1e-3},
+            "recommended": {"mode": "conditional", "scope": "generated"},
+        },
+        condition_direction=cdir,
+    )
     files = {n: v.save(root / f"{n}.safetensors") for n, v in vecs.items()}
     env = {"STEER_VECTORS": ",".join(f"{n}={f}" for n, f in files.items())}
     old = {k: os.environ.get(k) for k in env}
@@ -131,6 +152,11 @@ CASES = [
     {"vector": "abl", "alpha": 1.0},
     {"vector": "aa", "alpha": 1.5},
     [{"vector": "abl", "alpha": 1.0}, {"vector": "a", "alpha": 2.0}],
+    {"vector": "src", "alpha": 1.5},
+    {"vector": "gated", "alpha": 4.0},
+    {"vector": "gated", "alpha": 4.0},
+    {"vector": "gated", "alpha": 4.0},
+    {"vector": "gated", "alpha": 4.0},
 ]
 
 
@@ -142,7 +168,8 @@ def test_each_request_equals_steers_transformers_path(engine):
         want_toks, want_lps = _hf(sm, vecs, ids, spec)
         assert toks == want_toks, (family, spec)
         assert max(abs(a - b) for a, b in zip(lps, want_lps)) < 1e-3, (family, spec)
-        if spec is not None and spec != CASES[1]:  # steering really changed the model (the test can fail)
+        gated = isinstance(spec, dict) and spec["vector"] == "gated"  # closed gates: the gate test checks them
+        if spec is not None and spec != CASES[1] and not gated:  # steering really changed the model
             plain = _hf(sm, vecs, ids, None)
             assert max(abs(a - b) for a, b in zip(lps, plain[1])) > 1e-3 or toks != plain[0], (family, spec)
 
@@ -170,7 +197,13 @@ def test_bad_steer_fields_are_refused_before_scheduling(engine):
     except ImportError:  # older vLLM: the ValueError itself
         refused = ValueError
     family, llm, sm, vecs, path = engine
-    for bad in ({"vector": "nope"}, {"vector": "a", "alpha": float("nan")}, {"vector": "a", "mode": "ablate"}):
+    for bad in (
+        {"vector": "nope"},
+        {"vector": "a", "alpha": float("nan")},
+        {"vector": "a", "mode": "ablate"},
+        {"vector": "gated", "alpha": 1.0, "scope": "prompt"},  # a gated vector steers generated tokens here
+        {"vector": "b", "alpha": 1.0, "layers": [1]},  # b has no direction at layer 1
+    ):
         sp = SamplingParams(max_tokens=2, extra_args={"steer": json.dumps(bad)})
         with pytest.raises(refused, match="steer"):
             llm.generate([{"prompt_token_ids": PROMPTS[0]}], sp, use_tqdm=False)
@@ -192,24 +225,6 @@ def test_prefix_cache_never_serves_blocks_across_steerings(engine):
     assert seen[1] > 0 and seen[3] > 0, seen  # the cache is on and used
     assert seen[2] == 0 and seen[4] == 0, seen  # a new steering (or none) computes its own blocks
     assert seen[5] > 0, seen
-
-
-def test_unsteered_requests_are_bit_for_bit_vanilla_vllm(engine):
-    """The same requests (no steer field, and α = 0) on an engine without the plugin's vectors: identical tokens and
-    identical logprobs, bit for bit."""
-    family, llm, sm, vecs, path = engine
-    cases = [(p, None) for p in PROMPTS] + [(p, {"vector": "a", "alpha": 0.0}) for p in PROMPTS]
-    with_plugin = _run(llm, cases)
-    saved = os.environ.pop("STEER_VECTORS")
-    try:
-        vanilla = _engine(path)
-        try:
-            plain = _run(vanilla, [(p, None) for p, _ in cases])
-        finally:
-            del vanilla
-    finally:
-        os.environ["STEER_VECTORS"] = saved
-    assert with_plugin == plain, family
 
 
 def test_an_unsupported_architecture_is_refused_by_name(tmp_path):
@@ -298,3 +313,38 @@ def test_openai_server_takes_steer_serves_json_in_vllm_xargs(tmp_path):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_gate_decides_per_request_on_both_sides_under_chunked_prefill(engine):
+    """Each prompt's gate (LONG's decided in its last of 5 prefill chunks) equals transformers' decision; the
+    open ones are steered, the closed ones equal the unsteered run."""
+    family, llm, sm, vecs, path = engine
+    cases = [(p, {"vector": "gated", "alpha": 4.0}) for p in PROMPTS]
+    got = _run(llm, cases)
+    opened = []
+    for (ids, spec), (toks, lps) in zip(cases, got):
+        want = _hf(sm, vecs, ids, spec)
+        plain = _hf(sm, vecs, ids, None)
+        assert toks == want[0] and max(abs(a - b) for a, b in zip(lps, want[1])) < 1e-3, family
+        opened.append(want != plain)
+    assert any(opened) and not all(opened), opened  # both sides of the gate
+
+
+# last of the engine tests: building and dropping a second engine in this process resets vLLM's distributed
+# state, which the module's engine needs
+def test_unsteered_requests_are_bit_for_bit_vanilla_vllm(engine):
+    """The same requests (no steer field, and α = 0) on an engine without the plugin's vectors: identical tokens and
+    identical logprobs, bit for bit."""
+    family, llm, sm, vecs, path = engine
+    cases = [(p, None) for p in PROMPTS] + [(p, {"vector": "a", "alpha": 0.0}) for p in PROMPTS]
+    with_plugin = _run(llm, cases)
+    saved = os.environ.pop("STEER_VECTORS")
+    try:
+        vanilla = _engine(path)
+        try:
+            plain = _run(vanilla, [(p, None) for p, _ in cases])
+        finally:
+            del vanilla
+    finally:
+        os.environ["STEER_VECTORS"] = saved
+    assert with_plugin == plain, family

@@ -19,7 +19,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from steer.errors import ConfigError
 from steer.serve.protocol import APIError, Policy, parse_steer
 
-from .state import ENV, get_state, load_vectors
+from .state import ENV, check_conditional_scope, get_state, load_vectors, steerable_layers
 
 _policies: dict[str, Policy] = {}
 
@@ -48,6 +48,15 @@ def parse_request(extra_args, policy: Policy):
     except APIError as exc:
         raise ValueError(f"steer: {exc.message}") from None
     for s in specs:
+        vec = policy.vectors[s.vector]
+        check_conditional_scope(s.vector, vec, s.scope)
+        allowed = steerable_layers(vec)
+        asked = s.layers or tuple(vec.recommended.get("layers") or vec.layers)
+        if not set(asked) <= set(allowed):
+            raise ValueError(
+                f"steer: vector {s.vector!r} cannot steer layers {sorted(set(asked) - set(allowed))}; "
+                f"it can steer {allowed}"
+            )
         if s.mode is not None:
             raise ValueError(
                 f"steer: the vLLM plugin applies each vector in its file's mode; a request cannot set mode "
@@ -88,9 +97,9 @@ class SteerBatch(LogitsProcessor):
         if batch_update is None or state is None:
             return
         for index in batch_update.removed:
-            state.clear(index)
+            state.release(index)
         for index, params, prompt_ids, _ in batch_update.added:
             specs = parse_request(getattr(params, "extra_args", None), state.policy)
-            state.set_slot(index, specs, len(prompt_ids) if prompt_ids is not None else 0)
+            state.set_slot(index, specs, len(prompt_ids) if prompt_ids is not None else 0, params)
         for a, b, direction in batch_update.moved:
             state.move(a, b, swap=direction == MoveDirectionality.SWAP)

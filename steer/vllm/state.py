@@ -10,7 +10,10 @@ Buffers, allocated once at model init (``max_num_seqs`` slots, ``K`` vectors, ``
 * ``coef`` [S, K, L]: the α slot s applies with vector k at layer l (0: not steered there; a request's
   layers override and α land here);
 * ``scope`` [S, K]: 0 all tokens, 1 prompt tokens only, 2 generated tokens only;
-* ``prompt_len`` [S]: the slot's prompt length (a token at position p is a prompt token iff p < prompt_len).
+* ``prompt_len`` [S]: the slot's prompt length (a token at position p is a prompt token iff p < prompt_len);
+* ``gate`` [S+1, K]: each conditional vector's decision for the slot's request, written at its last prompt
+  token (whatever chunk of a chunked prefill holds it) and read by every later token. A request vLLM takes out
+  of its batch (unscheduled for a step) keeps its decisions on its ``SamplingParams`` and gets them back.
 
 A forward reads only these buffers and vLLM's own per-step tensors (positions, ``query_start_loc``); no Python
 branch depends on data.
@@ -50,22 +53,81 @@ def load_vectors(spec: str | None = None) -> dict:
     return out
 
 
+def _mode(vec) -> str:
+    return vec.recommended.get("mode") or vec.meta.get("op") or "add"
+
+
 def _op_of(name: str, vec):
-    """The vector's op (its recommended mode, else its own op, else add) if the plugin can apply it."""
+    """The vector's op (its recommended mode, else its own op, else add; ``conditional``: its own op, gated) if
+    the plugin can apply it."""
     from steer.kernels import reference_steer_
     from steer.ops import OPS
 
-    mode = vec.recommended.get("mode") or vec.meta.get("op") or "add"
-    op = OPS.get(mode)
-    if op is None or op.reference is not reference_steer_:
+    mode = _mode(vec)
+    op = OPS.get((vec.meta.get("op") or "add") if mode == "conditional" else mode)
+    site = vec.meta.get("site") or "output"
+    if op is None or op.reference is not reference_steer_ or site != "output":
         raise ConfigError(
-            f"vector {name!r} cannot be served by the vLLM plugin in mode {mode!r}",
-            expected="an op of the ablate/add family: "
-            + ", ".join(n for n, o in OPS.items() if o.reference is reference_steer_),
-            found=repr(mode),
+            f"vector {name!r} cannot be served by the vLLM plugin in mode {mode!r} at site {site!r}",
+            expected="block outputs steered by an op of the ablate/add family: "
+            + ", ".join(n for n, o in OPS.items() if o.reference is reference_steer_)
+            + ", or conditional",
+            found=f"mode {mode!r}, site {site!r}",
             fix="re-save the vector with one of those modes, or serve it with `steer serve`",
         )
+    if mode == "conditional":
+        cond = vec.condition
+        if not cond or vec.condition_direction is None or cond.get("reduce", "last") != "last":
+            raise ConfigError(
+                f"vector {name!r}: the vLLM plugin gates on the last prompt token",
+                expected="a condition (layer, threshold, condition.direction) with reduce 'last'",
+                found=str(cond),
+                fix="recompute the condition with reduce 'last', or serve it with `steer serve`",
+            )
     return op
+
+
+def vector_scope(vec, requested: str | None) -> str:
+    return requested or vec.recommended.get("scope") or vec.meta.get("scope") or "all"
+
+
+def check_conditional_scope(name: str, vec, requested: str | None) -> None:
+    """A gated vector steers generated tokens only in the plugin: under chunked prefill, prompt tokens before the
+    last one are computed before the gate (read at the last prompt token) is known."""
+    if _mode(vec) == "conditional" and vector_scope(vec, requested) != "generated":
+        raise ValueError(
+            f"steer: vector {name!r} is conditional; the vLLM plugin steers generated tokens only for gated vectors "
+            f'(scope {vector_scope(vec, requested)!r} asked): pass "scope": "generated"'
+        )
+
+
+def _direction_for(vec, layer: int, source):
+    """The direction steering ``layer``, as steer's transformers path picks it (``source_layer``, else the
+    layer's own, else the single direction), or None."""
+    key = source if source is not None else layer
+    if key in vec.directions:
+        return vec.directions[key]
+    if len(vec.directions) == 1:
+        return next(iter(vec.directions.values()))
+    return None
+
+
+def steerable_layers(vec, num_layers: int | None = None) -> list[int]:
+    """The layers a request may steer with ``vec``: those with a direction (the file's ``source_layer``, the
+    layer's own, or the single one) and what the vector's op needs there."""
+    from steer.ops import OPS
+
+    if num_layers is None:
+        num_layers = (vec.meta.get("model") or {}).get("num_layers") or (max(vec.layers) + 1)
+    mode = _mode(vec)
+    op = OPS.get((vec.meta.get("op") or "add") if mode == "conditional" else mode)
+    needs = op.needs if op is not None else ()
+    source = vec.recommended.get("source_layer")
+    return [
+        layer
+        for layer in range(num_layers)
+        if _direction_for(vec, layer, source) is not None and all(f"{n}.{layer}" in vec.extra for n in needs)
+    ]
 
 
 class SteerState:
@@ -75,18 +137,20 @@ class SteerState:
         fp = {"architecture": architecture, "model_type": "", "hidden_size": hidden_size, "num_layers": num_layers}
         self.ops = {}
         for name, vec in vectors.items():
-            if vec.kind == "task" or vec.condition is not None or not vec.directions:
+            if vec.kind == "task" or not vec.directions:
                 raise ConfigError(
-                    f"vector {name!r} is not supported by steer's vLLM plugin yet",
-                    expected="directions applied by an op (add, ablate, ablate_add, ace): refusal, sae or custom",
-                    found=f"kind {vec.kind!r}" + (", conditional" if vec.condition is not None else ""),
-                    fix="serve task vectors as LoRA adapters (`steer export lora`); use `steer serve` for the rest",
+                    f"vector {name!r} is not supported by steer's vLLM plugin",
+                    expected="directions applied by an op (add, ablate, ablate_add, ace; conditional): refusal, sae "
+                    "or custom vectors",
+                    found=f"kind {vec.kind!r}",
+                    fix="serve task vectors as LoRA adapters (`steer export lora`)",
                 )
             try:
                 vec.check_model(fp, check_architecture=False)  # vLLM's names differ from transformers'
             except Exception as exc:
                 raise type(exc)(f"{ENV}: vector {name!r}: {exc}") from None
-            bad = [layer for layer in vec.layers if not 0 <= layer < num_layers]
+            cond_layer = [int(vec.condition["layer"])] if _mode(vec) == "conditional" else []
+            bad = [layer for layer in list(vec.layers) + cond_layer if not 0 <= layer < num_layers]
             if bad:
                 raise ConfigError(
                     f"vector {name!r} has layers this model lacks",
@@ -99,74 +163,108 @@ class SteerState:
         self.policy = Policy(vectors=vectors)
         self.num_layers, self.slots, self.device = num_layers, slots, device
         k = len(self.names)
-        self.layers = sorted({layer for v in vectors.values() for layer in v.layers})
-        # per steered layer: [(vector index, op, operands [M, d] fp32, n_ablate)] in the vectors' order
-        self.bank: dict[int, list] = {}
-        for layer in self.layers:
-            entries = []
-            for i, (name, vec) in enumerate(vectors.items()):
-                d = vec.directions.get(layer)
-                if d is None:
-                    continue
-                op = self.ops[name]
-                extras = {n: vec.extra[f"{n}.{layer}"] for n in op.needs if f"{n}.{layer}" in vec.extra}
-                missing = [n for n in op.needs if n not in extras]
-                if missing:
-                    raise ConfigError(
-                        f"vector {name!r} lacks what op {op.name!r} needs at layer {layer}",
-                        expected=", ".join(f"extra.{n}.{layer}" for n in op.needs),
-                        found="missing " + ", ".join(missing),
-                        fix="recompute the vector with `steer vectors refusal`",
-                    )
+        # per layer: [(vector index, op, operands [M, d] fp32, n_ablate)] in the vectors' order, for every layer a
+        # request may steer with that vector (its recommended layers or any override)
+        self.bank: dict[int, list] = {layer: [] for layer in range(num_layers)}
+        # gates: (vector index, layer, unit direction, threshold, comparator) read at the block output
+        self.conditions: dict[int, list] = {}
+        for i, (name, vec) in enumerate(vectors.items()):
+            op, source = self.ops[name], vec.recommended.get("source_layer")
+            for layer in steerable_layers(vec, num_layers):
+                d = _direction_for(vec, layer, source)
+                extras = {n: vec.extra[f"{n}.{layer}"] for n in op.needs}
                 operands, n_ablate = op.prepare(d.float().reshape(-1, hidden_size), extras)
-                entries.append((i, op, operands.float().to(device), n_ablate))
-            self.bank[layer] = entries
+                self.bank[layer].append((i, op, operands.float().to(device), n_ablate))
+            if _mode(vec) == "conditional":
+                c, cdir = vec.condition, vec.condition_direction.float()
+                self.conditions.setdefault(int(c["layer"]), []).append(
+                    (i, (cdir / cdir.norm()).to(device), float(c["threshold"]), c.get("comparator", ">"))
+                )
+        self.layers = sorted({layer for layer, entries in self.bank.items() if entries} | set(self.conditions))
+        self.gated = torch.tensor([_mode(v) == "conditional" for v in vectors.values()], device=device)
         self.coef = torch.zeros(slots, k, num_layers, device=device)
         self.scope = torch.zeros(slots, k, dtype=torch.long, device=device)
         self.prompt_len = torch.zeros(slots, dtype=torch.long, device=device)
+        self.gate = torch.zeros(slots + 1, k, device=device)  # row ``slots``: where non-deciding tokens write
+        self.slot_params: dict[int, object] = {}
 
     # ------------------------------------------------------------------ slots (the logits processor)
-    def set_slot(self, slot: int, specs, prompt_len: int) -> None:
-        """Slot ``slot`` now holds a request with ``specs`` (SteerSpecs; empty: unsteered)."""
+    def layers_for(self, spec) -> tuple[int, ...]:
+        vec = self.vectors[spec.vector]
+        return tuple(spec.layers or vec.recommended.get("layers") or vec.layers)
+
+    def set_slot(self, slot: int, specs, prompt_len: int, params=None) -> None:
+        """Slot ``slot`` now holds a request with ``specs`` (SteerSpecs; empty: unsteered). A request vLLM took out
+        of the batch for a while and puts back gets its gate decisions back (kept on its ``params``)."""
         self.clear(slot)
         self.prompt_len[slot] = prompt_len
         for s in specs:
             k = self.names.index(s.vector)
-            vec = self.vectors[s.vector]
-            layers = s.layers or tuple(vec.recommended.get("layers") or vec.layers)
-            for layer in layers:
+            for layer in self.layers_for(s):
                 self.coef[slot, k, layer] = s.alpha
-            self.scope[slot, k] = SCOPE_CODES[s.scope or vec.recommended.get("scope")]
+            self.scope[slot, k] = SCOPE_CODES[vector_scope(self.vectors[s.vector], s.scope)]
+        kept = (getattr(params, "extra_args", None) or {}).get("_steer_gate")
+        if kept is not None:
+            self.gate[slot] = torch.tensor(kept, device=self.device)
+        self.slot_params[slot] = params
+
+    def release(self, slot: int) -> None:
+        """The request in ``slot`` leaves the batch: keep its gate decisions with it, then clear the slot."""
+        params = self.slot_params.pop(slot, None)
+        if params is not None and getattr(params, "extra_args", None) is not None and bool(self.gated.any()):
+            params.extra_args["_steer_gate"] = self.gate[slot].tolist()
+        self.clear(slot)
 
     def clear(self, slot: int) -> None:
         self.coef[slot].zero_()
         self.scope[slot].zero_()
         self.prompt_len[slot] = 0
+        self.gate[slot].zero_()
 
     def move(self, a: int, b: int, swap: bool) -> None:
-        for buf in (self.coef, self.scope, self.prompt_len):
+        for buf in (self.coef, self.scope, self.prompt_len, self.gate):
             if swap:
                 tmp = buf[a].clone()
                 buf[a] = buf[b]
                 buf[b] = tmp
             else:
                 buf[b] = buf[a]
+        pa, pb = self.slot_params.pop(a, None), self.slot_params.pop(b, None)
+        if pa is not None:
+            self.slot_params[b] = pa
+        if swap and pb is not None:
+            self.slot_params[a] = pb
         if not swap:
-            self.clear(a)
+            self.coef[a].zero_()
+            self.scope[a].zero_()
+            self.prompt_len[a] = 0
+            self.gate[a].zero_()
 
     # ------------------------------------------------------------------ the forward (the layers)
     def steer(self, layer: int, x: torch.Tensor, positions: torch.Tensor, query_start_loc: torch.Tensor):
         """``x`` [T, d] (the residual stream of this step's packed tokens at ``layer``) steered: each vector in
         turn, ``x − Σ_j c_j (x·u_j) u_j + Σ_m c_m v_m`` with per-token coefficients (the op's, from the token's
-        request's α, scope and layers). A token whose request does not steer here gets exactly ``x``."""
+        request's α, scope, layers and gate). A token whose request does not steer here gets exactly ``x``.
+
+        A condition read at this layer is decided first, on the unsteered ``x`` (as in transformers, where the
+        gate observes the block before any steering there), at each request's last prompt token."""
         n = positions.shape[0]
         qsl = query_start_loc.to(positions.device, torch.long)
         slot = torch.searchsorted(qsl[1:], torch.arange(n, device=positions.device), right=True)
         slot = slot.clamp_max(self.slots - 1)
+        for k, direction, threshold, comparator in self.conditions.get(layer, ()):
+            score = (x.float() * direction).sum(-1)
+            decided = (score > threshold) if comparator == ">" else (score < threshold)
+            last = positions == self.prompt_len[slot] - 1
+            # each request's last prompt token writes its slot's decision; every other token writes a spare row
+            self.gate[:, k].scatter_(0, torch.where(last, slot, self.slots), decided.float())
+        if not self.bank[layer]:
+            return x
         is_prompt = (positions < self.prompt_len[slot])[:, None]
         scope = self.scope[slot]
         on = (scope == 0) | ((scope == 1) & is_prompt) | ((scope == 2) & ~is_prompt)
-        alpha = self.coef[slot, :, layer] * on  # [T, K]
+        gate = torch.where(self.gated, self.gate[slot], 1.0)  # [T, K]: 1 for vectors without a condition
+        alpha = self.coef[slot, :, layer] * on * gate  # [T, K]
         out = x.float()
         for k, op, operands, j in self.bank[layer]:
             c = op.coefficients(alpha[:, k], j, operands.shape[0])  # [T, M]
