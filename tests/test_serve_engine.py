@@ -164,3 +164,34 @@ def test_a_cache_that_cannot_be_merged_is_refused_by_name():
 
     with pytest.raises(CacheLayoutError, match="DynamicCache"):
         kv_tensors(Odd())
+
+
+def test_composition_follows_the_policy_order_whoever_shares_the_batch():
+    """An ablation and an addition at the same layer do not commute. A request composing them gets the policy's
+    order (here: add, then ablate) even when a running request attached the ablation first."""
+    sm = SteeredModel(tiny_model("llama"), tiny_tokenizer())
+    g = torch.Generator().manual_seed(9)
+    v = torch.randn(D, generator=g) * 4
+    vecs = {  # the ablation removes what the addition adds (same direction): order decides everything
+        "add": SteeringVector({1: v}, {"kind": "custom"}),
+        "abl": SteeringVector({1: v.clone()}, {"kind": "refusal", "recommended": {"mode": "ablate"}}),
+    }
+    both = [("add", 2.0), ("abl", 1.0)]
+    in_order = _solo(sm, vecs, PROMPTS[1], both, 8)
+    assert in_order != _solo(sm, vecs, PROMPTS[1], both[::-1], 8)  # the order matters for this pair
+    eng = Engine(sm, Policy(vectors=vecs))
+    first = _job(sm, PROMPTS[0], [("abl", 1.0)], 12)
+    second = _job(sm, PROMPTS[1], [("abl", 1.0), ("add", 2.0)], 8)  # listed the other way round
+    assert _run_staggered(eng, {0: [first], 2: [second]})
+    assert second.text == in_order and first.text == _solo(sm, vecs, PROMPTS[0], [("abl", 1.0)], 12)
+    assert_unhooked(sm.model, sm.layers)
+
+
+def test_a_tiny_temperature_is_greedy_not_an_error():
+    sm = SteeredModel(tiny_model("llama"), tiny_tokenizer())
+    eng = Engine(sm, Policy(vectors={}))
+    text = sm.format([PROMPTS[0]], chat=True)[0]
+    req = Request("chat", "m", text, Sampling(6, 1e-30, 1.0, 0, (), 1), (), False)
+    job = Job(req, prompt_ids=sm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    _run_staggered(eng, {0: [job]})
+    assert job.error is None and job.text == sm.generate([PROMPTS[0]], max_new_tokens=6)[0]

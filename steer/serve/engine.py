@@ -54,6 +54,9 @@ _PROCESSORS = (
 _NEUTRAL_PROCESSOR = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0}
 
 
+MIN_TEMPERATURE = 1e-4  # below this, float32 softmax(logits / T) is one-hot (or overflows): greedy
+
+
 @dataclass
 class Job:
     """One completion (a request with ``n`` choices is ``n`` jobs)."""
@@ -87,9 +90,11 @@ def _sample(logits: torch.Tensor, jobs: list[Job]) -> list[int]:
     picks = logits.argmax(-1).tolist()
     for i, j in enumerate(jobs):
         s = j.request.sampling
-        if s.temperature == 0.0:
+        if s.temperature < MIN_TEMPERATURE or j.finish_reason is not None:  # greedy, or a parked row
             continue
         probs = torch.softmax(logits[i].float().cpu() / s.temperature, dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # logits that overflow: the argmax is the draw
+            continue
         if s.top_p < 1.0:
             sp, idx = probs.sort(descending=True)
             keep = sp.cumsum(0) - sp < s.top_p  # the smallest set whose mass reaches top_p
@@ -124,9 +129,11 @@ class Engine:
             )
         self.jobs: list[Job] = []  # the running rows, in batch order
         self.rows: Rows | None = None
-        self.handles: dict = {}  # config key -> (handle, neutral value, conditional)
+        self.handles: dict = {}  # config key -> (handle, neutral value, conditional), in canonical order
+        self._specs: dict = {}  # config key -> a SteerSpec with that key
         self._dirty = True  # the handles' per-row values do not describe self.jobs
         self._resolved: dict = {}  # config key -> Resolved
+        self._lock = threading.Lock()
         self.steps = 0
 
     def tokenize(self, req: Request) -> list[int]:
@@ -142,7 +149,8 @@ class Engine:
         """``spec`` resolved against its vector and the model (validated; a SteerError says what is wrong).
         Pure (nothing is attached), so the HTTP layer calls it before queueing; results are kept per config key."""
         key = spec.config_key()
-        res = self._resolved.get(key)
+        with self._lock:  # the HTTP thread and the engine thread both resolve
+            res = self._resolved.get(key)
         if res is None:
             cfg = SteeringConfig(layers=list(spec.layers) if spec.layers else None, mode=spec.mode, scope=spec.scope)
             res = resolve(cfg, self.policy.vectors[spec.vector], self.sm.model, layers_path=self.sm.layers_path)
@@ -153,29 +161,50 @@ class Engine:
                     found=f"{res.kind} (mode {res.mode!r})",
                     fix="ask for mode 'per_request' (task vectors) or an op; bake merged weights with `steer bake`",
                 )
-            if len(self._resolved) >= 256:
-                self._resolved.pop(next(iter(self._resolved)))
-            self._resolved[key] = res
+            with self._lock:
+                if len(self._resolved) >= 256:
+                    self._resolved.pop(next(iter(self._resolved)))
+                self._resolved[key] = res
         return res
 
-    def _handle(self, key, spec):
-        if key not in self.handles:
-            res = self.resolved(spec)
-            self.handles[key] = (attach(self.sm.model, res), KINDS[res.kind].neutral, res.condition is not None)
-        return self.handles[key]
+    def _order(self, key) -> tuple:
+        return (list(self.policy.vectors).index(key[0]), repr(key))
+
+    def _ensure_handles(self, specs: dict) -> None:
+        """Attach a handle for every config key in ``specs`` (key -> spec) not attached yet. Handles run in one
+        canonical order (the policy's vector order), whatever order requests arrived in, so a request composing
+        vectors gets the same result whoever shares its batch: when a new key sorts before attached ones, every
+        handle is re-attached in order (rows' values and gates are set again before the next forward)."""
+        new = {k: s for k, s in specs.items() if k not in self.handles}
+        if not new:
+            return
+        self._specs.update(new)
+        keys = sorted(set(self.handles) | set(new), key=self._order)
+        if list(self.handles) != keys[: len(self.handles)]:
+            self.close()  # an attached handle sorts after a new one: re-attach all, in order
+        for key in keys:
+            if key not in self.handles:
+                res = self.resolved(self._specs[key])
+                self.handles[key] = (attach(self.sm.model, res), KINDS[res.kind].neutral, res.condition is not None)
+        self._dirty = True
 
     def _set_rows(self, jobs: list[Job], prompt_length: int, carry_gates: bool) -> None:
         """Give every handle one value per row of ``jobs`` (and the rows' gates when ``carry_gates``)."""
         for key, (h, neutral, conditional) in self.handles.items():
             h.set_alphas(
-                [next((s.alpha for s in j.request.steer if s.config_key() == key), neutral) for j in jobs]
-            )  # fmt: skip
+                [
+                    next((s.alpha for s in j.request.steer if s.config_key() == key), neutral)
+                    if j.finish_reason is None
+                    else neutral  # a finished row parked in a cache that cannot drop rows
+                    for j in jobs
+                ]
+            )
             if conditional and carry_gates:
                 h.set_gates([j._gate_open.get(key, False) for j in jobs])
             h.begin(prompt_length)
 
     def _drop_unused(self) -> None:
-        used = {s.config_key() for j in self.jobs for s in j.request.steer}
+        used = {s.config_key() for j in self.jobs if j.finish_reason is None for s in j.request.steer}
         for key in [k for k in self.handles if k not in used]:
             self.handles.pop(key)[0].remove()
 
@@ -184,6 +213,7 @@ class Engine:
         for h, _, _ in self.handles.values():
             h.remove()
         self.handles.clear()
+        self._dirty = True
 
     # ------------------------------------------------------------------ rows in and out
     @torch.no_grad()
@@ -201,9 +231,7 @@ class Engine:
 
     def _add(self, jobs: list[Job]) -> list[Job]:
         tok = self.sm.tokenizer
-        for j in jobs:
-            for s in j.request.steer:
-                self._handle(s.config_key(), s)
+        self._ensure_handles({s.config_key(): s for j in jobs for s in j.request.steer})
         width = max(len(j.prompt_ids) for j in jobs)
         ids = torch.full((len(jobs), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
@@ -226,24 +254,28 @@ class Engine:
         rows = Rows.from_prefill(cache, mask, torch.tensor(picks, device=self.device))
         done = self._record(jobs, picks)
         live = [i for i, j in enumerate(jobs) if j.finish_reason is None]
-        if len(live) < len(jobs):
-            if not live:
-                self._drop_unused()
-                return done
+        if not live:
+            self._drop_unused()
+            return done
+        if rows.mergeable and len(live) < len(jobs):
             rows.keep(live)
+            jobs = [jobs[i] for i in live]
+        # (a cache that cannot drop rows keeps finished rows parked until its batch empties)
         if self.rows is None:
             self.rows = rows
         else:
             self.rows.join(rows)
-        self.jobs.extend(jobs[i] for i in live)
+        self.jobs.extend(jobs)
         self._drop_unused()
         return done
 
     @torch.no_grad()
     def step(self) -> list[Job]:
-        """One decode step for every running row; returns the jobs that finished."""
+        """One decode step for every running row; returns the jobs that finished (or failed: an error in the
+        step fails the rows still running in it, and their steering comes off)."""
         if not self.jobs:
             return []
+        done: list[Job] = []
         try:
             if self._dirty:
                 self._set_rows(self.jobs, 0, carry_gates=True)  # 0: every token fed now is a generated one
@@ -255,29 +287,41 @@ class Engine:
             r.advance(cache, torch.tensor(picks, device=self.device))
             self.steps += 1
             done = self._record(self.jobs, picks)
+            if done:
+                live = [i for i, j in enumerate(self.jobs) if j.finish_reason is None]
+                if not live:
+                    self.jobs, self.rows = [], None
+                elif r.mergeable:
+                    r.keep(live)
+                    self.jobs = [self.jobs[i] for i in live]
+                # else: finished rows stay parked (neutral values, output ignored) until the batch empties
+                self._dirty = True
+                self._drop_unused()
         except Exception as exc:  # noqa: BLE001 - fail the rows of this step, keep serving
-            for j in self.jobs:
+            failed = [j for j in self.jobs if j.finish_reason is None and j not in done]
+            for j in failed:
                 j.error = exc
-            done, self.jobs, self.rows = self.jobs, [], None
+            done = done + failed
+            self.jobs, self.rows = [], None
             self.close()
-            self._dirty = True
-            return done
-        if done:
-            live = [i for i, j in enumerate(self.jobs) if j.finish_reason is None]
-            self.jobs = [self.jobs[i] for i in live]
-            if live:
-                self.rows.keep(live)
-            else:
-                self.rows = None
-            self._dirty = True
-            self._drop_unused()
         return done
+
+    def fail_all(self, exc: Exception) -> list[Job]:
+        """Fail every running row and take all steering off (the scheduler's last resort)."""
+        failed = [j for j in self.jobs if j.finish_reason is None]
+        for j in failed:
+            j.error = exc
+        self.jobs, self.rows = [], None
+        self.close()
+        return failed
 
     def _record(self, jobs: list[Job], picks: list[int]) -> list[Job]:
         """Append each row's new token; finish rows at EOS, ``max_tokens``, a stop string or cancellation;
         stream new text."""
         done = []
         for j, t in zip(jobs, picks):
+            if j.finish_reason is not None:  # parked
+                continue
             j.tokens.append(t)
             s = j.request.sampling
             eos = t in self.eos and not s.ignore_eos
@@ -307,7 +351,11 @@ def _emit(j: Job, text: str, final: bool) -> None:
     if not final and text[:upto].endswith("\ufffd"):
         upto -= 1
     if upto > j._emitted and j.on_delta is not None:
-        j.on_delta(text[j._emitted : upto])
+        try:
+            j.on_delta(text[j._emitted : upto])
+        except Exception as exc:  # noqa: BLE001 - this client's stream is gone; the others are not affected
+            j.cancelled = True
+            warnings.warn(f"steer serve: a stream callback failed: {exc!r}", RuntimeWarning, stacklevel=1)
     j._emitted = max(j._emitted, upto)
 
 
@@ -364,28 +412,39 @@ class Scheduler:
         eng = self.engine
         try:
             while True:
-                self._take(block=not eng.jobs and not self.waiting)
-                gone = [j for j in self.waiting if j.cancelled]
-                for j in gone:
-                    self.waiting.remove(j)
-                    j.finish_reason = "cancelled"
-                self._finish(gone)
-                room = self.max_batch - len(eng.jobs) if eng.can_join else 0
-                if room > 0 and self.waiting:
-                    new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-                    self.stats["prefills"] += 1
-                    self._finish(eng.add(new))
-                if eng.jobs:
-                    n = len(eng.jobs)
-                    self._finish(eng.step())
-                    self.stats["steps"] += 1
-                    self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], n)
-                    if self.on_batch is not None:
-                        self.on_batch(n)
-                elif self._closing and not self.waiting and self.q.empty():
-                    break
+                try:
+                    if self._iteration():
+                        break
+                except Exception as exc:  # noqa: BLE001 - last resort: fail what is in flight, serve on
+                    warnings.warn(f"steer serve: engine step failed: {exc!r}", RuntimeWarning, stacklevel=1)
+                    self._finish(eng.fail_all(exc))
         finally:
             eng.close()
+
+    def _iteration(self) -> bool:
+        """One loop of the engine thread; True when it is time to stop."""
+        eng = self.engine
+        self._take(block=not eng.jobs and not self.waiting)
+        gone = [j for j in self.waiting if j.cancelled]
+        for j in gone:
+            self.waiting.remove(j)
+            j.finish_reason = "cancelled"
+        self._finish(gone)
+        running = sum(j.finish_reason is None for j in eng.jobs)
+        room = self.max_batch - len(eng.jobs) if eng.can_join else 0
+        if room > 0 and self.waiting:
+            new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+            self.stats["prefills"] += 1
+            self._finish(eng.add(new))
+            running = sum(j.finish_reason is None for j in eng.jobs)
+        if eng.jobs:
+            self._finish(eng.step())
+            self.stats["steps"] += 1
+            self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], running)
+            if self.on_batch is not None:
+                self.on_batch(running)
+            return False
+        return self._closing and not self.waiting and self.q.empty()
 
     def close(self) -> None:
         """Finish the jobs running and queued, then stop (every handle comes off)."""

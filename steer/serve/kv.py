@@ -8,8 +8,9 @@ padding in every remaining row are cut, so the cache is as long as the longest r
 the cache's per-layer key/value tensors: transformers' ``DynamicCache`` with full-attention layers
 (``cache.layers[i].keys/.values``, rebuilt with the public ``DynamicCache(ddp_cache_data=...)``). Any other
 cache (sliding windows, linear attention, an unknown layout) is refused by :func:`kv_tensors` with
-:class:`CacheLayoutError`, and the scheduler then admits new rows only when the batch is empty (batch-level
-scheduling, correct for every cache; removing finished rows uses the public ``Cache.batch_select_indices``).
+:class:`CacheLayoutError`, and the engine then admits new rows only when the batch is empty and keeps finished
+rows parked in it until it empties (batch-level scheduling, as ``generate`` does: correct for every cache, since
+nothing is cut out of it).
 
 How a model is called is read from its ``forward`` signature once (:class:`ModelIO`): transformers 5.24 renamed
 the cache argument ``past_key_values`` to ``cache`` (and the output field with it), so both are looked up and a
@@ -167,12 +168,10 @@ class Rows:
         self.next_ids = next_ids
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in this order); cut cache columns that are padding in every row kept."""
+        """Keep only ``rows`` (in this order); cut cache columns that are padding in every row kept (mergeable
+        caches only)."""
         idx = torch.tensor(rows, dtype=torch.long)
         self.mask, self.next_ids, self.pos = (t[idx.to(t.device)] for t in (self.mask, self.next_ids, self.pos))
-        if not self.mergeable:
-            self.cache.batch_select_indices(idx.to(self.mask.device))
-            return
         used = self.mask.any(0).nonzero()
         start = int(used[0]) if used.numel() else self.mask.shape[1]
         self.cache = _cache(

@@ -86,6 +86,9 @@ def salt_prefix_cache() -> bool:
         request = original(self, request_id, prompt, params, *args, **kwargs)
         salt = steer_salt(getattr(params, "extra_args", None), getattr(request, "cache_salt", None))
         if salt is not None:
+            if getattr(request, "prompt_token_ids", None) is None:
+                # the plugin tells prompt from generated tokens by the prompt's length, which embeddings hide
+                raise ValueError("steer: requests given as prompt embeddings cannot be steered; send token ids or text")
             request.cache_salt = salt
         return request
 

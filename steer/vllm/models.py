@@ -42,7 +42,7 @@ def _query_start_loc():
     meta = get_forward_context().attn_metadata
     if not meta:
         return None
-    if isinstance(meta, list):  # micro-batched forwards: not supported yet (refused at init below)
+    if isinstance(meta, list):  # micro-batched forwards: refused at init (_setup)
         return None
     return next(iter(meta.values())).query_start_loc
 
@@ -68,6 +68,14 @@ def _setup(model, vllm_config, layers) -> SteerState | None:
             expected="InputProcessor.process_inputs(self, request_id, prompt, params, ...) to salt steered requests",
             found="no such method to wrap",
             fix="start vLLM with --no-enable-prefix-caching (LLM(..., enable_prefix_caching=False))",
+        )
+    if getattr(vllm_config.parallel_config, "use_ubatching", False):
+        raise ConfigError(
+            "steer's vLLM plugin does not steer micro-batched forwards yet",
+            expected="no dual-batch overlap / micro-batching",
+            found=f"enable_dbo={vllm_config.parallel_config.enable_dbo}, "
+            f"ubatch_size={vllm_config.parallel_config.ubatch_size}",
+            fix="start vLLM without --enable-dbo and with ubatch_size 0 or 1",
         )
     hf = vllm_config.model_config.hf_config
     device = next(model.parameters()).device

@@ -196,6 +196,8 @@ class SteerState:
     def set_slot(self, slot: int, specs, prompt_len: int, params=None) -> None:
         """Slot ``slot`` now holds a request with ``specs`` (SteerSpecs; empty: unsteered). A request vLLM took out
         of the batch for a while and puts back gets its gate decisions back (kept on its ``params``)."""
+        if slot in self.slot_params:  # vLLM refilled a slot without reporting its request as removed
+            self.release(slot)
         self.clear(slot)
         self.prompt_len[slot] = prompt_len
         for s in specs:
@@ -222,6 +224,8 @@ class SteerState:
         self.gate[slot].zero_()
 
     def move(self, a: int, b: int, swap: bool) -> None:
+        if not swap and b in self.slot_params:  # the request b held leaves without a "removed": keep its gates
+            self.release(b)
         for buf in (self.coef, self.scope, self.prompt_len, self.gate):
             if swap:
                 tmp = buf[a].clone()
