@@ -59,3 +59,19 @@ def test_steer_leaves_unsteered_tokens_bit_exact_and_gates_by_slot():
     gen = st.steer(1, x[:2], torch.tensor([2, 2]), torch.tensor([0, 1, 2]))  # one generated token each
     want = x[0] + 3.0 * st.vectors["gated"].directions[1]
     assert torch.allclose(gen[0], want, atol=1e-6) and torch.equal(gen[1], x[1])
+
+
+def test_vectors_that_do_not_fit_the_model_stop_the_engine_by_name():
+    import pytest
+
+    from steer.errors import ConfigError, ModelMismatchError
+
+    wide = SteeringVector({1: torch.randn(16)}, {"kind": "custom"})
+    with pytest.raises(ModelMismatchError, match="STEER_VECTORS: vector 'w'.*hidden size"):
+        SteerState({"w": wide}, hidden_size=8, num_layers=2, architecture="x", slots=2, device="cpu")
+    deep = SteeringVector({5: torch.randn(8)}, {"kind": "custom"})
+    with pytest.raises(ModelMismatchError, match="layers"):
+        SteerState({"d": deep}, hidden_size=8, num_layers=2, architecture="x", slots=2, device="cpu")
+    angular = SteeringVector({1: torch.randn(8)}, {"kind": "custom", "recommended": {"mode": "angular"}})
+    with pytest.raises(ConfigError, match="angular"):
+        SteerState({"a": angular}, hidden_size=8, num_layers=2, architecture="x", slots=2, device="cpu")
