@@ -284,8 +284,10 @@ class Steering(HookSet):
     def _decide_gate(self, h: torch.Tensor) -> None:
         cond = self.condition
         hf = h.detach().float()
-        if cond.reduce == "last" or self._attn is None:
+        if cond.reduce == "last":
             x = hf[:, -1, :]
+        elif self._attn is None:  # no mask: no padding, every token is the prompt's
+            x = hf.mean(1)
         else:
             m = self._attn.to(hf.device, hf.dtype)[..., None]
             x = (hf * m).sum(1) / m.sum(1).clamp_min(1.0)

@@ -124,6 +124,21 @@ def test_gate_reads_its_block_before_any_steering_there_whatever_the_attach_orde
             assert torch.equal(g.last_scores, want), order
 
 
+def test_a_mean_gate_averages_the_prompt_with_or_without_an_attention_mask(sm, vec):
+    """reduce='mean' is the mean over the prompt's tokens, also for a forward given no attention mask (it used
+    to fall back to the last token there)."""
+    ids = torch.tensor([[4, 10, 11, 12, 5, 6]])
+    cdir = torch.randn(D)
+    with torch.no_grad():
+        hs = sm.model(ids, output_hidden_states=True).hidden_states[1 + 1]
+    want = hs[0].float().mean(0) @ (cdir / cdir.norm())
+    cond = Condition(layer=1, direction=cdir, threshold=0.0, reduce="mean")
+    for mask in (None, torch.ones_like(ids)):
+        with sm.steer(vec, alpha=2.0, layers=[2], condition=cond) as h, torch.no_grad():
+            sm.model(ids, attention_mask=mask)
+            torch.testing.assert_close(h.last_scores[0], want, atol=1e-5, rtol=0)
+
+
 def test_conditional_from_vector_file_and_ordering_error(sm, vec, tmp_path):
     cond_vec = SteeringVector(
         dict(vec.directions),

@@ -65,6 +65,21 @@ def engine(request, tmp_path_factory):
             / float(cdir.norm())
             for p in PROMPTS
         ]
+    with torch.no_grad():
+        means = [
+            float(model(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states[1][0].mean(0) @ cdir)
+            / float(cdir.norm())
+            for p in PROMPTS
+        ]
+    vecs["gmean"] = SteeringVector(  # the same gate, reading the mean over the prompt's tokens
+        {2: torch.randn(64, generator=g) * 4},
+        {
+            "kind": "refusal",
+            "condition": {"layer": 0, "threshold": sorted(means)[1] + 1e-3, "reduce": "mean"},
+            "recommended": {"mode": "conditional", "scope": "generated"},
+        },
+        condition_direction=cdir,
+    )
     vecs["gated"] = SteeringVector(
         {2: torch.randn(64, generator=g) * 4},
         {
@@ -168,7 +183,7 @@ def test_each_request_equals_steers_transformers_path(engine):
         want_toks, want_lps = _hf(sm, vecs, ids, spec)
         assert toks == want_toks, (family, spec)
         assert max(abs(a - b) for a, b in zip(lps, want_lps)) < 1e-3, (family, spec)
-        gated = isinstance(spec, dict) and spec["vector"] == "gated"  # closed gates: the gate test checks them
+        gated = isinstance(spec, dict) and spec["vector"] in ("gated", "gmean")  # the gate test checks closed ones
         if spec is not None and spec != CASES[1] and not gated:  # steering really changed the model
             plain = _hf(sm, vecs, ids, None)
             assert max(abs(a - b) for a, b in zip(lps, plain[1])) > 1e-3 or toks != plain[0], (family, spec)
@@ -319,7 +334,7 @@ def test_gate_decides_per_request_on_both_sides_under_chunked_prefill(engine):
     """Each prompt's gate (LONG's decided in its last of 5 prefill chunks) equals transformers' decision; the
     open ones are steered, the closed ones equal the unsteered run."""
     family, llm, sm, vecs, path = engine
-    cases = [(p, {"vector": "gated", "alpha": 4.0}) for p in PROMPTS]
+    cases = [(p, {"vector": v, "alpha": 4.0}) for v in ("gated", "gmean") for p in PROMPTS]
     got = _run(llm, cases)
     opened = []
     for (ids, spec), (toks, lps) in zip(cases, got):
@@ -327,7 +342,8 @@ def test_gate_decides_per_request_on_both_sides_under_chunked_prefill(engine):
         plain = _hf(sm, vecs, ids, None)
         assert toks == want[0] and max(abs(a - b) for a, b in zip(lps, want[1])) < 1e-3, family
         opened.append(want != plain)
-    assert any(opened) and not all(opened), opened  # both sides of the gate
+    for half in (opened[: len(PROMPTS)], opened[len(PROMPTS) :]):  # last-token and mean gates
+        assert any(half) and not all(half), opened  # both sides of each gate
 
 
 # last of the engine tests: building and dropping a second engine in this process resets vLLM's distributed

@@ -36,14 +36,14 @@ def test_gate_decisions_survive_unreported_refills_and_moves():
     st.set_slot(1, spec, 5, b)
     st.gate[0, 0], st.gate[1, 0] = 1.0, 1.0  # both decided "open" at their last prompt token
     st.set_slot(0, spec, 7, c)  # vLLM refills slot 0 with c; a was not reported removed
-    assert a.extra_args["_steer_gate"] == [1.0] and float(st.gate[0, 0]) == 0.0
+    assert a.extra_args["_steer_gate"][0] == [1.0] and float(st.gate[0, 0]) == 0.0
     st.move(1, 0, swap=False)  # b moves down onto slot 0 (c's): c's decisions must be kept too
     st.gate[0, 0] = 1.0
     assert "_steer_gate" in c.extra_args and float(st.gate[1, 0]) == 0.0 and st.slot_params[0] is b
     st.set_slot(2, spec, 5, a)  # a comes back: its decision with it
     assert float(st.gate[2, 0]) == 1.0 and float(st.coef[2, 0, 1]) == 2.0
     st.release(0)
-    assert b.extra_args["_steer_gate"] == [1.0] and 0 not in st.slot_params
+    assert b.extra_args["_steer_gate"][0] == [1.0] and 0 not in st.slot_params
 
 
 def test_steer_leaves_unsteered_tokens_bit_exact_and_gates_by_slot():

@@ -12,8 +12,9 @@ Buffers, allocated once at model init (``max_num_seqs`` slots, ``K`` vectors, ``
 * ``scope`` [S, K]: 0 all tokens, 1 prompt tokens only, 2 generated tokens only;
 * ``prompt_len`` [S]: the slot's prompt length (a token at position p is a prompt token iff p < prompt_len);
 * ``gate`` [S+1, K]: each conditional vector's decision for the slot's request, written at its last prompt
-  token (whatever chunk of a chunked prefill holds it) and read by every later token. A request vLLM takes out
-  of its batch (unscheduled for a step) keeps its decisions on its ``SamplingParams`` and gets them back.
+  token (whatever chunk of a chunked prefill holds it) and read by every later token; ``score_sum`` [S+1, K]:
+  the running sum of prompt-token scores of ``"mean"`` conditions. A request vLLM takes out of its batch
+  (unscheduled for a step) keeps both on its ``SamplingParams`` and gets them back.
 
 A forward reads only these buffers and vLLM's own per-step tensors (positions, ``query_start_loc``); no Python
 branch depends on data.
@@ -77,12 +78,12 @@ def _op_of(name: str, vec):
         )
     if mode == "conditional":
         cond = vec.condition
-        if not cond or vec.condition_direction is None or cond.get("reduce", "last") != "last":
+        if not cond or vec.condition_direction is None or cond.get("reduce", "last") not in ("last", "mean"):
             raise ConfigError(
-                f"vector {name!r}: the vLLM plugin gates on the last prompt token",
-                expected="a condition (layer, threshold, condition.direction) with reduce 'last'",
+                f"vector {name!r}: the vLLM plugin needs a condition it can read",
+                expected="a condition (layer, threshold, condition.direction) with reduce 'last' or 'mean'",
                 found=str(cond),
-                fix="recompute the condition with reduce 'last', or serve it with `steer serve`",
+                fix="recompute the condition with `steer vectors refusal`, or serve it with `steer serve`",
             )
     return op
 
@@ -178,7 +179,13 @@ class SteerState:
             if _mode(vec) == "conditional":
                 c, cdir = vec.condition, vec.condition_direction.float()
                 self.conditions.setdefault(int(c["layer"]), []).append(
-                    (i, (cdir / cdir.norm()).to(device), float(c["threshold"]), c.get("comparator", ">"))
+                    (
+                        i,
+                        (cdir / cdir.norm()).to(device),
+                        float(c["threshold"]),
+                        c.get("comparator", ">"),
+                        c.get("reduce", "last"),
+                    )
                 )
         self.layers = sorted({layer for layer, entries in self.bank.items() if entries} | set(self.conditions))
         self.gated = torch.tensor([_mode(v) == "conditional" for v in vectors.values()], device=device)
@@ -186,6 +193,7 @@ class SteerState:
         self.scope = torch.zeros(slots, k, dtype=torch.long, device=device)
         self.prompt_len = torch.zeros(slots, dtype=torch.long, device=device)
         self.gate = torch.zeros(slots + 1, k, device=device)  # row ``slots``: where non-deciding tokens write
+        self.score_sum = torch.zeros(slots + 1, k, device=device)  # "mean" conditions: Σ prompt-token scores
         self.slot_params: dict[int, object] = {}
 
     # ------------------------------------------------------------------ slots (the logits processor)
@@ -207,14 +215,15 @@ class SteerState:
             self.scope[slot, k] = SCOPE_CODES[vector_scope(self.vectors[s.vector], s.scope)]
         kept = (getattr(params, "extra_args", None) or {}).get("_steer_gate")
         if kept is not None:
-            self.gate[slot] = torch.tensor(kept, device=self.device)
+            self.gate[slot] = torch.tensor(kept[0], device=self.device)
+            self.score_sum[slot] = torch.tensor(kept[1], device=self.device)
         self.slot_params[slot] = params
 
     def release(self, slot: int) -> None:
         """The request in ``slot`` leaves the batch: keep its gate decisions with it, then clear the slot."""
         params = self.slot_params.pop(slot, None)
         if params is not None and getattr(params, "extra_args", None) is not None and bool(self.gated.any()):
-            params.extra_args["_steer_gate"] = self.gate[slot].tolist()
+            params.extra_args["_steer_gate"] = (self.gate[slot].tolist(), self.score_sum[slot].tolist())
         self.clear(slot)
 
     def clear(self, slot: int) -> None:
@@ -222,11 +231,12 @@ class SteerState:
         self.scope[slot].zero_()
         self.prompt_len[slot] = 0
         self.gate[slot].zero_()
+        self.score_sum[slot].zero_()
 
     def move(self, a: int, b: int, swap: bool) -> None:
         if not swap and b in self.slot_params:  # the request b held leaves without a "removed": keep its gates
             self.release(b)
-        for buf in (self.coef, self.scope, self.prompt_len, self.gate):
+        for buf in (self.coef, self.scope, self.prompt_len, self.gate, self.score_sum):
             if swap:
                 tmp = buf[a].clone()
                 buf[a] = buf[b]
@@ -243,6 +253,7 @@ class SteerState:
             self.scope[a].zero_()
             self.prompt_len[a] = 0
             self.gate[a].zero_()
+            self.score_sum[a].zero_()
 
     # ------------------------------------------------------------------ the forward (the layers)
     def steer(self, layer: int, x: torch.Tensor, positions: torch.Tensor, query_start_loc: torch.Tensor):
@@ -251,13 +262,20 @@ class SteerState:
         request's α, scope, layers and gate). A token whose request does not steer here gets exactly ``x``.
 
         A condition read at this layer is decided first, on the unsteered ``x`` (as in transformers, where the
-        gate observes the block before any steering there), at each request's last prompt token."""
+        gate observes the block before any steering there), at each request's last prompt token: the score there
+        (``reduce="last"``) or the mean over the prompt's tokens, summed chunk by chunk (``"mean"``)."""
         n = positions.shape[0]
         qsl = query_start_loc.to(positions.device, torch.long)
         slot = torch.searchsorted(qsl[1:], torch.arange(n, device=positions.device), right=True)
         slot = slot.clamp_max(self.slots - 1)
-        for k, direction, threshold, comparator in self.conditions.get(layer, ()):
+        for k, direction, threshold, comparator, reduce in self.conditions.get(layer, ()):
             score = (x.float() * direction).sum(-1)
+            if reduce == "mean":
+                # a prefill that starts at position 0 starts the sum over (vLLM recomputes preempted requests)
+                self.score_sum[:, k].scatter_(0, torch.where(positions == 0, slot, self.slots), 0.0)
+                prompt = positions < self.prompt_len[slot]
+                self.score_sum[:, k].index_add_(0, torch.where(prompt, slot, self.slots), score)
+                score = self.score_sum[slot, k] / self.prompt_len[slot].clamp_min(1)
             decided = (score > threshold) if comparator == ">" else (score < threshold)
             last = positions == self.prompt_len[slot] - 1
             # each request's last prompt token writes its slot's decision; every other token writes a spare row
