@@ -70,10 +70,8 @@ def resolve_activation(
     fp = fingerprint(model, layers_path)
     vector.check_model(fp, check_architecture=check_architecture)
     rec = vector.recommended
-    mode = config.mode or rec.get("mode") or vector.meta.get("op") or "add"
-    base = vector.meta.get("op") or "add"
-    op = get_op(base if mode == "conditional" else mode)
-    scope = config.scope or rec.get("scope") or vector.meta.get("scope") or "all"
+    mode, op = activation_op(vector, config.mode)
+    scope = activation_scope(vector, config.scope)
     site = config.site or vector.meta.get("site") or "output"
     layers = tuple(check_layers(config.layers or rec.get("layers") or vector.layers, len(blocks)))
     alpha = check_alpha(config.alpha if config.alpha is not None else rec.get("alpha", 1.0))
@@ -99,7 +97,7 @@ def resolve_activation(
     operands, shapes, n_ablate = {}, set(), 0
     for layer in layers:
         key = source if source is not None else layer
-        d = _pick_direction(vector, key).reshape(-1, fp["hidden_size"]).float()
+        d = pick_direction(vector, key).reshape(-1, fp["hidden_size"]).float()
         if op.nonzero and bool((d.norm(dim=-1) == 0).any()):
             raise ConfigError(
                 f"layer {layer}: op {op.name!r} needs non-zero directions",
@@ -152,7 +150,20 @@ def _vector_condition(vector: SteeringVector) -> Condition:
     )
 
 
-def _pick_direction(vector: SteeringVector, key: int) -> torch.Tensor:
+def activation_op(vector: SteeringVector, mode: str | None = None) -> tuple[str, Op]:
+    """The mode directions are applied in (``mode``, else the file's recommended one, else its op, else add) and
+    the op that applies them (for ``conditional``: the vector's own op, gated)."""
+    mode = mode or vector.recommended.get("mode") or vector.meta.get("op") or "add"
+    return mode, get_op((vector.meta.get("op") or "add") if mode == "conditional" else mode)
+
+
+def activation_scope(vector: SteeringVector, scope: str | None = None) -> str:
+    """The token scope: ``scope``, else the file's recommended one, else its own, else all tokens."""
+    return scope or vector.recommended.get("scope") or vector.meta.get("scope") or "all"
+
+
+def pick_direction(vector: SteeringVector, key: int) -> torch.Tensor:
+    """The direction stored for layer ``key``, or the file's only one; LayerError otherwise."""
     if key in vector.directions:
         return vector.directions[key]
     if len(vector.directions) == 1:

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from steer.config import check_alpha
 from steer.errors import ConfigError, VectorFileError
-from steer.params import dense_tau, factors, task_info
+from steer.params import dense_tau, task_info
 from steer.vector import SteeringVector
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
@@ -62,7 +62,9 @@ def split_targets(vector: SteeringVector) -> tuple[list[str], dict[str, str]]:
 
 
 def _rank_r(mat: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B [out, r], A [r, in]) with B @ A the best rank-r approximation of ``mat`` (zero-padded to r)."""
+    """(B [out, r], A [r, in]) with B @ A the best rank-r approximation of ``mat`` (zero-padded to r). An exact
+    float64 SVD, unlike :func:`steer.vectors.task.low_rank` (float32, randomized for large matrices): an export
+    is done once and its truncation error is what it reports."""
     u, s, vh = torch.linalg.svd(mat.double(), full_matrices=False)
     k = min(r, s.numel())
     root = s[:k].sqrt()
@@ -112,9 +114,8 @@ def export_lora(
         )
     tensors, modules, conv = {}, {}, False
     for name in targets:
-        pair = factors(vector, name)
-        mat = pair[0] @ pair[1] if pair is not None else dense_tau(vector, name)
-        if pair is None and info[name].get("conv1d"):
+        mat = dense_tau(vector, name)  # the parameter's own layout
+        if info[name].get("conv1d"):
             mat = mat.T  # Conv1D stores [in, out]; LoRA factors are in Linear orientation
         b, a = _rank_r(mat, rank)
         err = float((mat - b @ a).norm() / mat.norm().clamp_min(1e-30))

@@ -17,6 +17,24 @@ from steer.errors import ConfigError
 from .protocol import Policy
 
 
+def load_named_vectors(
+    specs: list[str], *, source: str = "--vector", example: str = "--vector safety=refusal.safetensors"
+) -> dict:
+    """``NAME=FILE`` entries -> {name: SteeringVector}, in their order; errors name ``source`` (the option or
+    environment variable the entries came from)."""
+    from steer.vector import SteeringVector
+
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"bad {source} entry", expected="NAME=FILE", found=repr(spec), fix=f"pass {example}")
+        if name in out:
+            raise ConfigError(f"{source} names {name!r} twice", expected="distinct names", found=name, fix="rename one")
+        out[name] = SteeringVector.load(path)
+    return out
+
+
 def load_policy(
     sm,
     vectors: list[str],
@@ -30,22 +48,13 @@ def load_policy(
     from steer.config import SteeringConfig
     from steer.kinds import KINDS
     from steer.resolve import resolve
-    from steer.vector import SteeringVector
 
-    loaded = {}
-    for spec in vectors:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(
-                "bad --vector", expected="NAME=FILE", found=repr(spec), fix="pass --vector safety=refusal.safetensors"
-            )
-        if name in loaded:
-            raise ConfigError("vector name given twice", expected="distinct names", found=name, fix="rename one")
-        vec = SteeringVector.load(path)
+    loaded = load_named_vectors(vectors)
+    for name, vec in loaded.items():
         res = resolve(SteeringConfig(), vec, sm.model, layers_path=sm.layers_path)  # validates, attaches nothing
         if not KINDS[res.kind].per_row:
             raise ConfigError(
-                f"vector {name!r} ({path}) applies as {res.kind!r}, which cannot differ per request",
+                f"vector {name!r} applies as {res.kind!r}, which cannot differ per request",
                 expected="a vector whose default mode is per-request (directions, or a task vector in per_request)",
                 found=f"recommended mode {res.mode!r}",
                 fix="re-save it with recommended mode 'per_request', or bake it into the model with `steer bake`",

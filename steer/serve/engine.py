@@ -129,12 +129,10 @@ class Engine:
             )
         self.jobs: list[Job] = []  # the running rows, in batch order
         self.rows: Rows | None = None
-        self.handles: dict = {}  # config key -> (handle, neutral value, conditional), in canonical order
-        self._specs: dict = {}  # config key -> a SteerSpec with that key
+        self.handles: dict = {}  # config key -> (handle, Resolved), in canonical order
         self._dirty = True  # the handles' per-row values do not describe self.jobs
         self._resolved: dict = {}  # config key -> Resolved
         self._lock = threading.Lock()
-        self.steps = 0
 
     def tokenize(self, req: Request) -> list[int]:
         return self.sm.tokenizer(req.prompt, add_special_tokens=req.kind != "chat")["input_ids"]
@@ -178,19 +176,20 @@ class Engine:
         new = {k: s for k, s in specs.items() if k not in self.handles}
         if not new:
             return
-        self._specs.update(new)
-        keys = sorted(set(self.handles) | set(new), key=self._order)
+        resolved = {k: res for k, (_, res) in self.handles.items()}
+        resolved.update((k, self.resolved(s)) for k, s in new.items())
+        keys = sorted(resolved, key=self._order)
         if list(self.handles) != keys[: len(self.handles)]:
             self.close()  # an attached handle sorts after a new one: re-attach all, in order
         for key in keys:
             if key not in self.handles:
-                res = self.resolved(self._specs[key])
-                self.handles[key] = (attach(self.sm.model, res), KINDS[res.kind].neutral, res.condition is not None)
+                self.handles[key] = (attach(self.sm.model, resolved[key]), resolved[key])
         self._dirty = True
 
     def _set_rows(self, jobs: list[Job], prompt_length: int, carry_gates: bool) -> None:
         """Give every handle one value per row of ``jobs`` (and the rows' gates when ``carry_gates``)."""
-        for key, (h, neutral, conditional) in self.handles.items():
+        for key, (h, res) in self.handles.items():
+            neutral = KINDS[res.kind].neutral
             h.set_alphas(
                 [
                     next((s.alpha for s in j.request.steer if s.config_key() == key), neutral)
@@ -199,7 +198,7 @@ class Engine:
                     for j in jobs
                 ]
             )
-            if conditional and carry_gates:
+            if res.condition is not None and carry_gates:
                 h.set_gates([j._gate_open.get(key, False) for j in jobs])
             h.begin(prompt_length)
 
@@ -210,7 +209,7 @@ class Engine:
 
     def close(self) -> None:
         """Remove every handle (the model is as it was loaded)."""
-        for h, _, _ in self.handles.values():
+        for h, _ in self.handles.values():
             h.remove()
         self.handles.clear()
         self._dirty = True
@@ -243,8 +242,8 @@ class Engine:
         self._set_rows(jobs, width, carry_gates=False)  # the prefill decides the gates of these rows
         self._dirty = True
         logits, cache = self.io.forward(self.sm.model, ids, mask, pos, None)
-        for key, (h, _, conditional) in self.handles.items():
-            if not conditional or h.last_gate is None:
+        for key, (h, res) in self.handles.items():
+            if res.condition is None or h.last_gate is None:
                 continue
             for i, j in enumerate(jobs):
                 if any(s.config_key() == key for s in j.request.steer):
@@ -253,14 +252,10 @@ class Engine:
         picks = _sample(logits, jobs)
         rows = Rows.from_prefill(cache, mask, torch.tensor(picks, device=self.device))
         done = self._record(jobs, picks)
-        live = [i for i, j in enumerate(jobs) if j.finish_reason is None]
-        if not live:
+        jobs = _without_finished(rows, jobs)
+        if not jobs:
             self._drop_unused()
             return done
-        if rows.mergeable and len(live) < len(jobs):
-            rows.keep(live)
-            jobs = [jobs[i] for i in live]
-        # (a cache that cannot drop rows keeps finished rows parked until its batch empties)
         if self.rows is None:
             self.rows = rows
         else:
@@ -281,33 +276,23 @@ class Engine:
                 self._set_rows(self.jobs, 0, carry_gates=True)  # 0: every token fed now is a generated one
                 self._dirty = False
             r = self.rows
-            mask = torch.cat([r.mask, r.mask.new_ones(len(r), 1)], dim=1)
+            mask = r.step_mask()
             logits, cache = self.io.forward(self.sm.model, r.next_ids[:, None], mask, r.pos[:, None], r.cache)
             picks = _sample(logits, self.jobs)
-            r.advance(cache, torch.tensor(picks, device=self.device))
-            self.steps += 1
+            r.advance(cache, mask, torch.tensor(picks, device=self.device))
             done = self._record(self.jobs, picks)
             if done:
-                live = [i for i, j in enumerate(self.jobs) if j.finish_reason is None]
-                if not live:
-                    self.jobs, self.rows = [], None
-                elif r.mergeable:
-                    r.keep(live)
-                    self.jobs = [self.jobs[i] for i in live]
-                # else: finished rows stay parked (neutral values, output ignored) until the batch empties
+                self.jobs = _without_finished(r, self.jobs)
+                if not self.jobs:
+                    self.rows = None
                 self._dirty = True
                 self._drop_unused()
         except Exception as exc:  # noqa: BLE001 - fail the rows of this step, keep serving
-            failed = [j for j in self.jobs if j.finish_reason is None and j not in done]
-            for j in failed:
-                j.error = exc
-            done = done + failed
-            self.jobs, self.rows = [], None
-            self.close()
+            return done + self.fail_all(exc)
         return done
 
     def fail_all(self, exc: Exception) -> list[Job]:
-        """Fail every running row and take all steering off (the scheduler's last resort)."""
+        """Fail every running row and take all steering off (a failed step, or the scheduler's last resort)."""
         failed = [j for j in self.jobs if j.finish_reason is None]
         for j in failed:
             j.error = exc
@@ -341,6 +326,18 @@ class Engine:
                 j.finish_reason, j.text = reason, text
                 done.append(j)
         return done
+
+
+def _without_finished(rows: Rows, jobs: list[Job]) -> list[Job]:
+    """``jobs`` without the finished ones, their rows cut from ``rows`` ([] when none is left). A cache that
+    cannot drop rows keeps finished rows parked (neutral values, output ignored) until its batch empties."""
+    live = [i for i, j in enumerate(jobs) if j.finish_reason is None]
+    if not live:
+        return []
+    if rows.mergeable and len(live) < len(jobs):
+        rows.keep(live)
+        return [jobs[i] for i in live]
+    return jobs
 
 
 def _emit(j: Job, text: str, final: bool) -> None:
@@ -430,14 +427,13 @@ class Scheduler:
             self.waiting.remove(j)
             j.finish_reason = "cancelled"
         self._finish(gone)
-        running = sum(j.finish_reason is None for j in eng.jobs)
         room = self.max_batch - len(eng.jobs) if eng.can_join else 0
         if room > 0 and self.waiting:
             new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
             self.stats["prefills"] += 1
             self._finish(eng.add(new))
-            running = sum(j.finish_reason is None for j in eng.jobs)
         if eng.jobs:
+            running = sum(j.finish_reason is None for j in eng.jobs)
             self._finish(eng.step())
             self.stats["steps"] += 1
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], running)

@@ -160,12 +160,15 @@ class Rows:
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
         self.pos = torch.cat([self.pos, other.pos])
 
-    def advance(self, cache, next_ids: torch.Tensor) -> None:
-        """After a decode step: the cache holds the fed tokens; ``next_ids`` are the new samples."""
-        self.cache = cache
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
+    def step_mask(self) -> torch.Tensor:
+        """The attention mask of a decode step: the cached positions and the token fed now."""
+        return torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
+
+    def advance(self, cache, mask: torch.Tensor, next_ids: torch.Tensor) -> None:
+        """After a decode step fed with ``mask`` (:meth:`step_mask`): the cache holds the fed tokens;
+        ``next_ids`` are the new samples."""
+        self.cache, self.mask, self.next_ids = cache, mask, next_ids
         self.pos = self.pos + 1
-        self.next_ids = next_ids
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in this order); cut cache columns that are padding in every row kept (mergeable

@@ -19,7 +19,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from steer.errors import ConfigError
 from steer.serve.protocol import APIError, Policy, parse_steer
 
-from .state import ENV, check_conditional_scope, get_state, load_vectors, steerable_layers
+from .state import ENV, check_conditional_scope, get_state, load_vectors, request_layers, steerable_layers
 
 _policies: dict[str, Policy] = {}
 
@@ -51,7 +51,7 @@ def parse_request(extra_args, policy: Policy):
         vec = policy.vectors[s.vector]
         check_conditional_scope(s.vector, vec, s.scope)
         allowed = steerable_layers(vec)
-        asked = s.layers or tuple(vec.recommended.get("layers") or vec.layers)
+        asked = request_layers(vec, s)
         if not set(asked) <= set(allowed):
             raise ValueError(
                 f"steer: vector {s.vector!r} cannot steer layers {sorted(set(asked) - set(allowed))}; "
@@ -77,7 +77,8 @@ class SteerBatch(LogitsProcessor):
 
         self.vllm_config = vllm_config
         archs = list(getattr(vllm_config.model_config, "architectures", None) or [])
-        if load_vectors() and not set(archs) & set(ARCHITECTURES):
+        steering = any(p.strip() for p in os.environ.get(ENV, "").split(","))  # no need to load the files here
+        if steering and not set(archs) & set(ARCHITECTURES):
             raise ConfigError(
                 f"steer's vLLM plugin cannot steer {', '.join(archs) or 'this model'}",
                 expected=f"one of {', '.join(ARCHITECTURES)}",

@@ -26,7 +26,9 @@ import os
 
 import torch
 
-from steer.errors import ConfigError
+from steer.errors import ConfigError, LayerError
+from steer.resolve import activation_op, activation_scope, pick_direction
+from steer.serve import load_named_vectors
 from steer.serve.protocol import Policy
 
 ENV = "STEER_VECTORS"
@@ -35,39 +37,25 @@ SCOPE_CODES = {None: 0, "all": 0, "prompt": 1, "generated": 2}
 
 def load_vectors(spec: str | None = None) -> dict:
     """``NAME=FILE,NAME=FILE`` (default: the environment's ``STEER_VECTORS``) -> {name: SteeringVector}."""
-    from steer.vector import SteeringVector
-
     spec = os.environ.get(ENV, "") if spec is None else spec
-    out = {}
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        name, sep, path = part.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(
-                f"bad {ENV} entry",
-                expected="NAME=FILE[,NAME=FILE...]",
-                found=repr(part),
-                fix="e.g. safety=r.safetensors",
-            )
-        if name in out:
-            raise ConfigError(f"{ENV} names {name!r} twice", expected="distinct names", found=spec, fix="rename one")
-        out[name] = SteeringVector.load(path)
-    return out
+    return load_named_vectors(
+        [p.strip() for p in spec.split(",") if p.strip()], source=ENV, example=f"{ENV}=safety=r.safetensors"
+    )
 
 
 def _mode(vec) -> str:
-    return vec.recommended.get("mode") or vec.meta.get("op") or "add"
+    return activation_op(vec)[0]
 
 
 def _op_of(name: str, vec):
-    """The vector's op (its recommended mode, else its own op, else add; ``conditional``: its own op, gated) if
-    the plugin can apply it."""
+    """The vector's op (:func:`steer.resolve.activation_op`: its recommended mode, else its own op, else add;
+    ``conditional``: its own op, gated) if the plugin can apply it."""
     from steer.kernels import reference_steer_
     from steer.ops import OPS
 
-    mode = _mode(vec)
-    op = OPS.get((vec.meta.get("op") or "add") if mode == "conditional" else mode)
+    mode, op = activation_op(vec)
     site = vec.meta.get("site") or "output"
-    if op is None or op.reference is not reference_steer_ or site != "output":
+    if op.reference is not reference_steer_ or site != "output":
         raise ConfigError(
             f"vector {name!r} cannot be served by the vLLM plugin in mode {mode!r} at site {site!r}",
             expected="block outputs steered by an op of the ablate/add family: "
@@ -88,41 +76,39 @@ def _op_of(name: str, vec):
     return op
 
 
-def vector_scope(vec, requested: str | None) -> str:
-    return requested or vec.recommended.get("scope") or vec.meta.get("scope") or "all"
-
-
 def check_conditional_scope(name: str, vec, requested: str | None) -> None:
     """A gated vector steers generated tokens only in the plugin: under chunked prefill, prompt tokens before the
     last one are computed before the gate (read at the last prompt token) is known."""
-    if _mode(vec) == "conditional" and vector_scope(vec, requested) != "generated":
+    if _mode(vec) == "conditional" and activation_scope(vec, requested) != "generated":
         raise ValueError(
             f"steer: vector {name!r} is conditional; the vLLM plugin steers generated tokens only for gated vectors "
-            f'(scope {vector_scope(vec, requested)!r} asked): pass "scope": "generated"'
+            f'(scope {activation_scope(vec, requested)!r} asked): pass "scope": "generated"'
         )
 
 
 def _direction_for(vec, layer: int, source):
-    """The direction steering ``layer``, as steer's transformers path picks it (``source_layer``, else the
-    layer's own, else the single direction), or None."""
-    key = source if source is not None else layer
-    if key in vec.directions:
-        return vec.directions[key]
-    if len(vec.directions) == 1:
-        return next(iter(vec.directions.values()))
-    return None
+    """The direction steering ``layer`` as steer's transformers path picks it (``source_layer``, else the
+    layer's own, else the single direction: :func:`steer.resolve.pick_direction`), or None."""
+    try:
+        return pick_direction(vec, source if source is not None else layer)
+    except LayerError:
+        return None
+
+
+def request_layers(vec, spec) -> tuple[int, ...]:
+    """The layers a request's spec steers with ``vec``: its own, else the file's recommended ones, else all."""
+    return tuple(spec.layers or vec.recommended.get("layers") or vec.layers)
 
 
 def steerable_layers(vec, num_layers: int | None = None) -> list[int]:
     """The layers a request may steer with ``vec``: those with a direction (the file's ``source_layer``, the
     layer's own, or the single one) and what the vector's op needs there."""
-    from steer.ops import OPS
-
     if num_layers is None:
         num_layers = (vec.meta.get("model") or {}).get("num_layers") or (max(vec.layers) + 1)
-    mode = _mode(vec)
-    op = OPS.get((vec.meta.get("op") or "add") if mode == "conditional" else mode)
-    needs = op.needs if op is not None else ()
+    try:
+        needs = activation_op(vec)[1].needs
+    except ConfigError:
+        needs = ()
     source = vec.recommended.get("source_layer")
     return [
         layer
@@ -197,10 +183,6 @@ class SteerState:
         self.slot_params: dict[int, object] = {}
 
     # ------------------------------------------------------------------ slots (the logits processor)
-    def layers_for(self, spec) -> tuple[int, ...]:
-        vec = self.vectors[spec.vector]
-        return tuple(spec.layers or vec.recommended.get("layers") or vec.layers)
-
     def set_slot(self, slot: int, specs, prompt_len: int, params=None) -> None:
         """Slot ``slot`` now holds a request with ``specs`` (SteerSpecs; empty: unsteered). A request vLLM took out
         of the batch for a while and puts back gets its gate decisions back (kept on its ``params``)."""
@@ -210,9 +192,9 @@ class SteerState:
         self.prompt_len[slot] = prompt_len
         for s in specs:
             k = self.names.index(s.vector)
-            for layer in self.layers_for(s):
+            for layer in request_layers(self.vectors[s.vector], s):
                 self.coef[slot, k, layer] = s.alpha
-            self.scope[slot, k] = SCOPE_CODES[vector_scope(self.vectors[s.vector], s.scope)]
+            self.scope[slot, k] = SCOPE_CODES[activation_scope(self.vectors[s.vector], s.scope)]
         kept = (getattr(params, "extra_args", None) or {}).get("_steer_gate")
         if kept is not None:
             self.gate[slot] = torch.tensor(kept[0], device=self.device)
