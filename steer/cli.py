@@ -407,6 +407,43 @@ def demo(
 
 @app.command()
 @user_errors
+def protect(
+    aligned: str = typer.Argument(..., help="The aligned model (folder, cached hub id, builtin:NAME)."),
+    finetuned: str = typer.Argument(..., help="The fine-tune that lost its safety (the model to protect)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder: protect.safetensors, candidates/, report.*"),
+    harmful: Optional[Path] = typer.Option(None, "--harmful", help="Harmful prompts (default: builtin pairs only)."),
+    harmless: Optional[Path] = typer.Option(None, "--harmless", help="Harmless prompts."),
+    eval_harmful: Optional[Path] = typer.Option(None, "--eval-harmful", help="Held-out harmful prompts."),
+    eval_harmless: Optional[Path] = typer.Option(None, "--eval-harmless", help="Held-out harmless prompts."),
+    base: Optional[str] = typer.Option(None, "--base", help="The pre-alignment base: adds the safety vector."),
+    rank: int = typer.Option(16, "--rank", min=1, help="Rank of the low-rank harm vector."),
+    budget_minutes: float = typer.Option(15.0, "--budget-minutes", min=0.1, help="Candidates after this are skipped."),
+    max_harmless: float = typer.Option(0.02, "--max-harmless", help="Bound on held-out harmless refusal."),
+    max_degenerate: float = typer.Option(0.02, "--max-degenerate", help="Bound on degenerate outputs."),
+    max_capability_drop: float = typer.Option(0.02, "--max-capability-drop", help="Built-in suite: accuracy drop."),
+    max_kl: float = typer.Option(0.1, "--max-kl", help="Prompt files: KL to FINETUNED on harmless prompts."),
+    no_sae: bool = typer.Option(False, "--no-sae", help="Skip SAE features."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (no progress output)."),
+    plot: bool = typer.Option(True, "--plot/--no-plot", help="Write report.png beside report.json."),
+):
+    """Every vector kind the pair allows, tuned unconditional and gated on FINETUNED, chosen by held-out effect."""
+    from steer.prompts import load_prompts
+    from steer.vectors.protect import ProtectBounds
+    from steer.vectors.protect import protect as run_protect
+
+    bounds = ProtectBounds(max_harmless, max_degenerate, max_capability_drop, max_kl)
+    files = [load_prompts(f) if f is not None else None for f in (harmful, harmless, eval_harmful, eval_harmless)]
+    report = run_protect(
+        aligned, finetuned, out, harmful=files[0], harmless=files[1], eval_harmful=files[2], eval_harmless=files[3],
+        base=base, rank=rank, sae=not no_sae, bounds=bounds, budget_minutes=budget_minutes, progress=not as_json,
+        plot=plot,
+    )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(report, default=str))
+
+
+@app.command()
+@user_errors
 def serve(
     model: str = typer.Argument(..., help="A model folder, a cached hub id, or builtin:NAME."),
     vector: List[str] = typer.Option([], "--vector", help="NAME=FILE, loaded at start-up (repeatable)."),

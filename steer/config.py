@@ -150,6 +150,21 @@ class Condition:
                 fix="use '>' (steer when the score is above the threshold) or '<'",
             )
 
+    def decide(self, h: torch.Tensor, unit: torch.Tensor, attn: torch.Tensor | None = None):
+        """The gate of every row of the block output ``h`` ``[B, T, d]``: ``(scores [B], open [B] bool)``.
+        ``unit``: the direction made unit, on ``h``'s device; ``attn``: the prompt's 2-D attention mask (the
+        mean skips padding; without it every token counts)."""
+        hf = h.detach().float()
+        if self.reduce == "last":
+            x = hf[:, -1, :]
+        elif attn is None:
+            x = hf.mean(1)
+        else:
+            m = attn[:, -hf.shape[1] :].to(hf.device, hf.dtype)[..., None]
+            x = (hf * m).sum(1) / m.sum(1).clamp_min(1.0)
+        score = x @ unit
+        return score, (score > self.threshold if self.comparator == ">" else score < self.threshold)
+
 
 @dataclass
 class SteeringConfig:

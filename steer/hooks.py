@@ -282,17 +282,7 @@ class Steering(HookSet):
         return self._plans[layer].steer_(h.clone(), self._mask_on(h.device), self._decode, self._eager)
 
     def _decide_gate(self, h: torch.Tensor) -> None:
-        cond = self.condition
-        hf = h.detach().float()
-        if cond.reduce == "last":
-            x = hf[:, -1, :]
-        elif self._attn is None:  # no mask: no padding, every token is the prompt's
-            x = hf.mean(1)
-        else:
-            m = self._attn.to(hf.device, hf.dtype)[..., None]
-            x = (hf * m).sum(1) / m.sum(1).clamp_min(1.0)
-        score = x @ self._cond_dir
-        gate = score > cond.threshold if cond.comparator == ">" else score < cond.threshold
+        score, gate = self.condition.decide(h, self._cond_dir, self._attn)
         self.last_scores, self.last_gate = score, gate
         for dev in self._devices:
             torch.mul(self._coef[dev], gate.to(dev, torch.float32)[:, None], out=self._coef_eff[dev])

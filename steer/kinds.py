@@ -6,7 +6,8 @@ kind, one table that maps to it, no string branches elsewhere.
 entry                  vector kinds                modes                  handle (module)
 =====================  ==========================  =====================  ==============================
 ``activation``         refusal, sae, custom        the ops, conditional   :class:`steer.hooks.Steering`
-``task_per_request``   task                        per_request (default)  :class:`steer.lowrank.TaskSteering`
+``task_per_request``   task                        per_request (default), :class:`steer.lowrank.TaskSteering`
+                                                   conditional
 ``task_merged``        task                        merged                 :class:`steer.params.MergedTaskSteering`
 ``sae_clamp``          sae                         clamp                  :class:`steer.sae_clamp.FeatureClamp`
 =====================  ==========================  =====================  ==============================
@@ -74,7 +75,7 @@ class Kind:
 
 
 def _task_per_request(model, res: Resolved) -> TaskSteering:
-    return TaskSteering(model, res.vector, res.alpha)
+    return TaskSteering(model, res.vector, res.alpha, condition=res.condition, layers_path=res.layers_path)
 
 
 def _task_merged(model, res: Resolved) -> MergedTaskSteering:
@@ -108,7 +109,7 @@ KINDS: dict[str, Kind] = {
         Kind(
             "task_per_request",
             ("task",),
-            lambda: (None, "per_request"),
+            lambda: (None, "per_request", "conditional"),
             resolve_task,
             _task_per_request,
             per_layer=False,

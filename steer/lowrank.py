@@ -22,19 +22,45 @@ weights, biases of non-linear modules) uses an exact fallback for outputs that a
 parameter: ``y += α_row · (f(x; θ₀+τ) − f(x; θ₀))`` via ``torch.func.functional_call``.
 
 Rows with α = 0 get ``y + 0·Δ`` = ``y`` exactly. The model's weights are never modified.
+
+**Conditional (gated) task vectors.** With a condition (CAST, Lee et al. 2024; mode ``conditional``), a row
+whose gate opens runs ``θ + α·τ`` and a row whose gate stays closed runs the weights untouched. τ reaches
+every layer, the embedding included, so the gate cannot be read inside the steered forward (the first
+blocks would already have run with τ). At each prefill the handle therefore runs a **gate pass** first: the
+same inputs, no KV cache, through the model up to the condition block, whose output is read (last prompt
+token or prompt mean) and the forward stopped there. Every gated task vector is closed during a gate pass,
+so a gate never depends on another gated task vector or on attach order; activation steering at earlier
+blocks and ungated task vectors do apply (as they do for an activation gate). Cost: blocks ``0..c`` of the
+prompt once per request (c is usually an early block). The decision is held for every generated token;
+``set_gates`` carries it when a scheduler moves rows between batches.
 """
 
 from __future__ import annotations
+
+import inspect
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import check_alpha, row_alphas, spread_rows
+from .config import Condition, check_alpha, row_alphas, spread_rows
 from .errors import AlphaError, ConfigError
 from .handle import ForwardWrap, HookSet
+from .layers import get_layers
 from .params import check_task_model, dense_tau, factors, is_conv1d, task_info
+from .positions import past_length
 from .vector import SteeringVector
+
+_PASS = threading.local()  # .on: a gate pass runs in this thread (every gated task vector is closed)
+
+
+class _GateRead(Exception):
+    """Stops a gate pass once the condition block's output has been read."""
+
+
+def _in_gate_pass() -> bool:
+    return getattr(_PASS, "on", False)
 
 
 def _first_tensor(args, kwargs):
@@ -45,19 +71,53 @@ def _first_tensor(args, kwargs):
     return args[0] if args and isinstance(args[0], torch.Tensor) else None
 
 
+def _cache_arg(value) -> bool:
+    return callable(getattr(value, "get_seq_length", None))
+
+
 class TaskSteering(HookSet):
     """Per-request task-vector steering through forward hooks (see module docstring).
 
     Context manager; :meth:`set_alphas` takes one α per batch row (or a float for all rows).
     """
 
-    mode = "per_request"
-
-    def __init__(self, model: nn.Module, vector: SteeringVector, alpha: float = 1.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        vector: SteeringVector,
+        alpha: float = 1.0,
+        *,
+        condition: Condition | None = None,
+        layers_path: str | None = None,
+    ):
         self.model = model
         params = check_task_model(vector, model)
         info = task_info(vector)
         self.alpha = check_alpha(alpha)
+        self.condition = condition
+        self.mode = "conditional" if condition is not None else "per_request"
+        self.prompt_length: int | None = None
+        self.last_scores: torch.Tensor | None = None
+        self.last_gate: torch.Tensor | None = None
+        self._gate: torch.Tensor | None = None  # [rows] bool: the rows' decisions (None: undecided, closed)
+        self._reading = False
+        self._read: tuple | None = None
+        if condition is not None:
+            blocks = get_layers(model, layers_path)
+            if not 0 <= condition.layer < len(blocks):
+                raise ConfigError(
+                    "the condition layer is not a block of this model",
+                    expected=f"0..{len(blocks) - 1}",
+                    found=str(condition.layer),
+                    fix="use a condition computed on this model",
+                )
+            block = blocks[condition.layer]
+            dev = next((p.device for p in block.parameters()), torch.device("cpu"))
+            c = condition.direction.float()
+            self._cond_dir = (c / c.norm()).to(dev)
+            self._cond_block = block
+            sig = inspect.signature(model.forward).parameters
+            self._takes_use_cache = "use_cache" in sig or any(p.kind == p.VAR_KEYWORD for p in sig.values())
         owners: dict[int, list[tuple[nn.Module, str]]] = {}
         for _, mod in model.named_modules(remove_duplicate=False):
             for attr, p in mod.named_parameters(recurse=False):
@@ -74,7 +134,10 @@ class TaskSteering(HookSet):
         self.modules: list[str] = []
         names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
         try:
-            self._handles.append(model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+            # prepend: a gate pass runs before every other handle's pre-hook prepares the real forward
+            self._handles.append(model.register_forward_pre_hook(self._begin_forward, with_kwargs=True, prepend=True))
+            if condition is not None:
+                self._handles.append(ForwardWrap(self._cond_block, observe=self._observe))
             for mod, attrs in plan.items():
                 self._attach(mod, attrs, vector, info)
                 self.modules.append(names.get(mod, type(mod).__name__))
@@ -93,6 +156,9 @@ class TaskSteering(HookSet):
 
     @torch.inference_mode(False)  # persistent buffers must stay writable outside inference mode
     def _build_coef(self, alphas: torch.Tensor) -> None:
+        if self.condition is not None:  # α of the rows whose gate is open, 0 elsewhere (undecided = closed)
+            gate = self._gate if self._gate is not None and self._gate.numel() == alphas.numel() else None
+            alphas = alphas.float() * (gate.float() if gate is not None else 0.0)
         self._uniform = bool((alphas == alphas.reshape(-1)[0]).all())
         col = alphas.float().reshape(-1, 1, 1)
         for i, dev in enumerate(self._devices):
@@ -102,11 +168,37 @@ class TaskSteering(HookSet):
                 self._coef[i] = col.to(dev).clone(memory_format=torch.contiguous_format)
 
     def begin(self, prompt_length: int | None = None) -> None:
-        """A new batch of requests (τ steers every token, so the prompt length changes nothing)."""
+        """A new batch of requests. τ steers every token, so only a gated vector uses the (padded) prompt length:
+        its gate is decided at the forward with no past that is no longer than it (None: any forward with no
+        past). ``begin(0)``: the rows are past their prompts, no forward decides a gate."""
+        self.prompt_length = None if prompt_length is None else int(prompt_length)
 
     def set_alphas(self, alphas) -> None:
-        """One α per batch row (a float sets every row). 0 leaves a row bit-exactly unsteered."""
+        """One α per batch row (a float sets every row). 0 leaves a row bit-exactly unsteered. A gated vector
+        closes every row until the next prefill decides (or :meth:`set_gates`)."""
         self._alphas = row_alphas(alphas)
+        self._gate = None
+        self._build_coef(self._alphas)
+
+    def set_gates(self, gates) -> None:
+        """Set every row's gate (bools, one per row of the last :meth:`set_alphas`) instead of deciding it at
+        the next prefill: a scheduler that moves rows between batches carries each row's ``last_gate``."""
+        if self.condition is None:
+            raise ConfigError(
+                "set_gates needs a conditional steering",
+                expected="a task vector attached in mode 'conditional' (a condition)",
+                found="no condition",
+                fix="only call set_gates on conditional handles",
+            )
+        g = torch.as_tensor(gates, dtype=torch.bool).reshape(-1)
+        if g.numel() != self._alphas.numel():
+            raise ConfigError(
+                "one gate per row is needed",
+                expected=f"{self._alphas.numel()} gates (the rows of set_alphas)",
+                found=str(g.numel()),
+                fix="call set_alphas with the same rows first",
+            )
+        self._gate = g.clone()
         self._build_coef(self._alphas)
 
     def _begin_forward(self, module, args, kwargs):
@@ -116,9 +208,56 @@ class TaskSteering(HookSet):
         if x is None:
             return None
         batch, rows = x.shape[0], self._coef[0].shape[0] if self._coef else 1
+        if self.condition is not None and not _in_gate_pass():
+            seq = int(x.shape[1]) if x.dim() > 1 else 1
+            if past_length(args, kwargs, seq) == 0 and (self.prompt_length is None or seq <= self.prompt_length):
+                if self._alphas.numel() != batch:
+                    self._alphas = spread_rows(self._alphas, batch)
+                self._decide(args, kwargs)
+                return None
         if batch != rows:
+            if self._gate is not None and self._gate.numel() != batch:
+                self._gate = spread_rows(self._gate, batch)
             self._build_coef(spread_rows(self._alphas, batch))
         return None
+
+    # ------------------------------------------------------------------ the gate pass
+    def _observe(self, module, args, out):
+        if self._reading:
+            self._read = (out if isinstance(out, torch.Tensor) else out[0],)
+            raise _GateRead
+
+    def _decide(self, args, kwargs) -> None:
+        """Run the gate pass on this forward's inputs and open the rows whose condition holds."""
+        kw = {
+            k: v
+            for k, v in kwargs.items()
+            if k not in ("past_key_values", "past_key_value", "cache", "use_cache") and not _cache_arg(v)
+        }
+        if self._takes_use_cache:
+            kw["use_cache"] = False
+        self._read = None
+        self._reading, _PASS.on = True, True
+        try:
+            self.model(*(None if _cache_arg(a) else a for a in args), **kw)
+        except _GateRead:
+            pass
+        finally:
+            self._reading, _PASS.on = False, False
+        if self._read is None:
+            raise ConfigError(
+                "the gate pass never reached the condition block",
+                expected=f"block {self.condition.layer}'s output to be computed by the model's forward",
+                found="a forward that did not run that block",
+                fix="use a condition layer the model runs, or steer unconditionally (mode='per_request')",
+            )
+        attn = kwargs.get("attention_mask")
+        attn = attn if isinstance(attn, torch.Tensor) and attn.dim() == 2 else None
+        score, gate = self.condition.decide(self._read[0], self._cond_dir, attn)
+        self._read = None
+        self.last_scores, self.last_gate = score, gate
+        self._gate = gate.detach().cpu()
+        self._build_coef(self._alphas)
 
     # ------------------------------------------------------------------ hooks
     def _attach(self, mod: nn.Module, attrs: dict[str, str], vector: SteeringVector, info: dict) -> None:
@@ -169,7 +308,11 @@ class TaskSteering(HookSet):
         mode = lin[0] if lin is not None else None
         a, b = (lin[1], lin[2]) if mode == "lowrank" else (lin[1] if lin else None, None)
 
+        gated = self.condition is not None
+
         def hook(module, args, out):
+            if gated and _in_gate_pass():
+                return None
             c = coefs[slot]
             B = c.shape[0]
             n = out.shape[-1]
@@ -203,7 +346,11 @@ class TaskSteering(HookSet):
         coefs = self._coef
         mode, a, b = lin if lin[0] == "lowrank" else (lin[0], lin[1], None)
 
+        gated = self.condition is not None
+
         def hook(module, args, out):
+            if gated and _in_gate_pass():
+                return None
             c = coefs[slot]
             B, n = c.shape[0], out.shape[-1]
             ids = args[0]
@@ -232,8 +379,10 @@ class TaskSteering(HookSet):
 
         busy = [False]  # functional_call goes through module.__call__, which would fire this hook again
 
+        gated = self.condition is not None
+
         def hook(module, args, kwargs, out):
-            if busy[0]:
+            if busy[0] or (gated and _in_gate_pass()):
                 return None
             h = out if isinstance(out, torch.Tensor) else out[0]
             busy[0] = True
@@ -254,4 +403,4 @@ class TaskSteering(HookSet):
         self.remove()
 
     def __repr__(self) -> str:
-        return f"TaskSteering(per_request, modules={len(self.modules)}, active={self.active})"
+        return f"TaskSteering({self.mode}, modules={len(self.modules)}, active={self.active})"

@@ -199,17 +199,47 @@ def _extra(vector: SteeringVector, name: str, layers: tuple[int, int], op: Op) -
 def resolve_task(config: SteeringConfig, vector: SteeringVector, model: nn.Module, layers_path, check_arch):
     from .params import check_task_model
 
-    unused = [k for k in ("layers", "scope", "site", "source_layer", "condition") if getattr(config, k) is not None]
+    unused = [k for k in ("layers", "scope", "site", "source_layer") if getattr(config, k) is not None]
     if unused:
         raise ConfigError(
             "task vectors change weights, not one layer's activations",
-            expected="only alpha= and mode= ('merged' or per-request)",
+            expected="only alpha=, mode= ('merged', per-request or 'conditional') and condition=",
             found=f"{', '.join(unused)} given",
             fix="drop those options for a task vector",
         )
     check_task_model(vector, model)
     alpha = check_alpha(config.alpha if config.alpha is not None else vector.recommended.get("alpha", 1.0))
-    return Resolved(kind="task", alpha=alpha, vector=vector, mode=config.mode)  # kind: the table's entry
+    gated = config.condition is not None or vector.recommended.get("mode") == "conditional"
+    mode = config.mode or ("conditional" if gated else "per_request")
+    merged = mode in ("merged", "merge")
+    if merged and config.condition is not None:
+        raise ConfigError(
+            "merged task weights cannot be gated per request",
+            expected="mode 'conditional' (or per-request) with a condition",
+            found="mode 'merged' and a condition",
+            fix="drop mode='merged' to gate the task vector per request",
+        )
+    condition = None
+    if not merged and (mode == "conditional" or config.condition is not None):
+        condition = config.condition or _vector_condition(vector)
+        blocks = get_layers(model, layers_path)
+        condition = dataclasses.replace(condition, layer=check_layers([condition.layer], len(blocks))[0])
+        width = fingerprint(model, layers_path)["hidden_size"]
+        if condition.direction.shape[-1] != width:
+            raise ConfigError(
+                "condition direction has the wrong width",
+                expected=f"[{width}]",
+                found=str(tuple(condition.direction.shape)),
+                fix="use a condition computed on this model",
+            )
+    return Resolved(
+        kind="task",  # the table's entry is filled in by resolve()
+        alpha=alpha,
+        vector=vector,
+        mode="conditional" if condition is not None else ("merged" if merged else "per_request"),
+        condition=condition,
+        layers_path=layers_path,
+    )
 
 
 # ----------------------------------------------------------------------------------- SAE clamp

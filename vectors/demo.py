@@ -219,16 +219,12 @@ def _sae_features(sm, harmful, harmless, layer, out, console):
             "[yellow]SAE features skipped: sae-lens is not installed (pip install 'steer-runtime[sae]')[/yellow]"
         )
         return None
-    from .sae import compute_sae_features, feature_vector
+    from .sae import compute_sae_features, harmful_feature
 
     vec = compute_sae_features(sm, layer, harmful, harmless, train=True, reduce="last", steps=800, progress=False)
     vec.save(out / "sae.safetensors")
-    feats = [f for f in vec.meta["sae"]["features"] if f["polarity"] == "harmful"] or vec.meta["sae"]["features"]
-    best = feats[0]
-    one = feature_vector(vec, best["id"])
-    scale = max(abs(best["mean_harmful"]), 1e-3)
-    one = one * scale  # α = 1 adds the feature at its mean harmful activation
-    one.meta["recommended"] = {"layers": [layer], "mode": "add", "alpha": 1.0, "scope": "prompt"}
+    one = harmful_feature(vec, layer)  # α = 1 adds the feature at its mean harmful activation
+    best = one.meta["sae"]["features"][0]
     console.print(
         f"SAE at layer {layer}: FVU {vec.meta['sae']['stats'].get('fvu', float('nan')):.4f}, "
         f"feature {best['id']} separates harmful/harmless with AUC {best['auc']:.3f}"

@@ -424,6 +424,16 @@ def feature_vector(vector: SteeringVector, feature: int) -> SteeringVector:
     return SteeringVector({int(info["layer"]): w.W_dec[feature].clone()}, meta)
 
 
+def harmful_feature(vector: SteeringVector, layer: int) -> SteeringVector:
+    """The best harmful-leaning feature of ``vector`` (features ranked by :func:`compute_sae_features`) as a
+    one-direction vector whose α = 1 adds the feature at its mean activation on harmful prompts."""
+    feats = [f for f in vector.meta["sae"]["features"] if f["polarity"] == "harmful"] or vector.meta["sae"]["features"]
+    best = feats[0]
+    one = feature_vector(vector, best["id"]) * max(abs(best["mean_harmful"]), 1e-3)
+    one.meta["recommended"] = {"layers": [layer], "mode": "add", "alpha": 1.0, "scope": "prompt"}
+    return one
+
+
 def heldout_auc(
     sm, vector: SteeringVector, harmful: list[str], harmless: list[str], *, reduce: str | None = None, chat: bool = True
 ) -> dict[int, float]:

@@ -263,8 +263,9 @@ def tune(
             found=f"{len(harmful)} harmful, {len(harmless)} harmless",
             fix="pass both prompt files",
         )
-    if not kind_for(vector).per_layer:  # e.g. task vectors: α through the per-request parameter path
-        layer_sets, modes, scopes = [None], ("per_request",), (None,)
+    if not kind_for(vector).per_layer:  # task vectors: α through the per-request parameter path, gated or not
+        layer_sets, scopes = [None], (None,)
+        modes = tuple(m for m in modes if m in ("per_request", "conditional")) or ("per_request",)
     else:
         layer_sets = layers or default_layers(sm, vector)
         scopes = tuple(dict.fromkeys(scopes or ("all", "prompt")))
@@ -291,7 +292,7 @@ def tune(
             vector=works[mode, _key(layer_set)],
             alphas=alist,
             layer_sets=[layer_set],
-            mode=None if mode == "per_request" else mode,
+            mode=mode,
             scope=scope,
             **eval_kw,
         )
@@ -308,7 +309,11 @@ def tune(
         grid = [check_alpha(a) for a in (alphas if alphas is not None else DEFAULT_ALPHAS.get(mode, GENERIC_ALPHAS))]
         for layer_set in layer_sets:
             work = copy.deepcopy(vector)
-            if mode == "conditional":
+            if mode == "conditional" and layer_set is None:  # a gated task vector: its gate pass reads any layer
+                work.meta["condition"], work.condition_direction = calibrate_condition(
+                    sm, vector, harmful, harmless, cache=acts_cache
+                )
+            elif mode == "conditional":
                 # the gate is decided before the first steered activation: block min(layers)'s output, or the
                 # block before it for input-site vectors
                 last = int(min(layer_set)) - (1 if vector.meta.get("site") == "input" else 0)
@@ -361,7 +366,7 @@ def tune(
             vector=work,
             alphas=[best.alpha],
             layer_sets=[best.layers],
-            mode=None if best.mode == "per_request" else best.mode,
+            mode=best.mode,
             scope=best.scope,
             **{**eval_kw, "harmful": eval_harmful, "harmless": eval_harmless},
         )
