@@ -208,12 +208,13 @@ class TaskSteering(HookSet):
         if x is None:
             return None
         batch, rows = x.shape[0], self._coef[0].shape[0] if self._coef else 1
-        if self.condition is not None and not _in_gate_pass():
+        if self.condition is not None and _in_gate_pass():
+            return None  # closed during every gate pass (its hooks return early): nothing to fit
+        if self.condition is not None:
             seq = int(x.shape[1]) if x.dim() > 1 else 1
             if past_length(args, kwargs, seq) == 0 and (self.prompt_length is None or seq <= self.prompt_length):
-                if self._alphas.numel() != batch:
-                    self._alphas = spread_rows(self._alphas, batch)
-                self._decide(args, kwargs)
+                alphas = self._alphas if self._alphas.numel() == batch else spread_rows(self._alphas, batch)
+                self._decide(args, kwargs, alphas)  # the set α are kept: the next batch may have other rows
                 return None
         if batch != rows:
             if self._gate is not None and self._gate.numel() != batch:
@@ -227,7 +228,7 @@ class TaskSteering(HookSet):
             self._read = (out if isinstance(out, torch.Tensor) else out[0],)
             raise _GateRead
 
-    def _decide(self, args, kwargs) -> None:
+    def _decide(self, args, kwargs, alphas: torch.Tensor) -> None:
         """Run the gate pass on this forward's inputs and open the rows whose condition holds."""
         kw = {
             k: v
@@ -236,6 +237,9 @@ class TaskSteering(HookSet):
         }
         if self._takes_use_cache:
             kw["use_cache"] = False
+        for k in ("output_hidden_states", "output_attentions", "output_router_logits"):
+            if k in kw:  # capture wrappers of some transformers releases are only undone when a forward returns
+                kw[k] = False
         self._read = None
         self._reading, _PASS.on = True, True
         try:
@@ -257,7 +261,7 @@ class TaskSteering(HookSet):
         self._read = None
         self.last_scores, self.last_gate = score, gate
         self._gate = gate.detach().cpu()
-        self._build_coef(self._alphas)
+        self._build_coef(alphas)
 
     # ------------------------------------------------------------------ hooks
     def _attach(self, mod: nn.Module, attrs: dict[str, str], vector: SteeringVector, info: dict) -> None:
@@ -322,8 +326,10 @@ class TaskSteering(HookSet):
                         f"per-request α cannot reach {type(module).__name__}: it sees tokens routed "
                         "out of their batch rows",
                         expected="one α for the whole batch here",
-                        found="different α per row",
-                        fix="use one α per batch, or mode='merged'",
+                        found="gates that differ between rows" if gated else "different α per row",
+                        fix="compute the task vector with --exclude for the routed experts, or steer ungated"
+                        if gated
+                        else "use one α per batch, or mode='merged'",
                     )
                 c, B = c[:1], 1
             y = out.view(B, -1, n) if out.is_contiguous() else out.reshape(B, -1, n)

@@ -145,6 +145,25 @@ def test_set_gates_and_row_changes(sm):
             h.set_gates([True, False])
 
 
+@torch.no_grad()
+def test_batches_of_other_sizes_and_hidden_state_outputs(sm):
+    """The set α survive a batch of another size; a gate pass asked for hidden states leaves nothing behind."""
+    sm = SteeredModel(tiny_model(sm.model.config.model_type, seed=2), tiny_tokenizer())  # transformers hooks stay
+    vec, _ = _gated(sm, 3)
+    enc4 = sm.encode(sm.format(PROMPTS[:4]), True, position_ids=True)
+    enc2 = sm.encode(sm.format(PROMPTS[4:]), True, position_ids=True)
+    with sm.steer(vec) as h:
+        h.set_alphas(2.0)
+        a = sm.model(**enc4).logits
+        b = sm.model(**enc2, output_hidden_states=True).logits
+    with sm.steer(vec) as h:
+        h.set_alphas(2.0)
+        assert torch.equal(sm.model(**enc2).logits, b) and torch.equal(sm.model(**enc4).logits, a)
+    # no forward left replaced (transformers 4.57 swaps block forwards to capture hidden states and restores them
+    # only when the forward returns; 5.x registers capture hooks that stay, inert, on the blocks)
+    assert not sm.model._forward_pre_hooks and all("forward" not in m.__dict__ for m in sm.model.modules())
+
+
 def test_bad_gated_task_configs_are_refused_before_attaching(sm):
     vec, _ = _gated(sm, 3)
     cond = Condition(layer=COND_LAYER, direction=torch.ones(D), threshold=0.0)
