@@ -166,6 +166,27 @@ class Condition:
         return score, (score > self.threshold if self.comparator == ">" else score < self.threshold)
 
 
+def check_gates(condition: Condition | None, gates, rows: int) -> torch.Tensor:
+    """``gates`` as one bool per row for ``set_gates`` of a handle with ``condition`` and ``rows`` rows (the rows
+    of its last ``set_alphas``); ConfigError before anything changes otherwise."""
+    if condition is None:
+        raise ConfigError(
+            "set_gates needs a conditional steering",
+            expected="a handle attached in mode 'conditional' (a condition)",
+            found="no condition",
+            fix="only call set_gates on conditional handles",
+        )
+    g = torch.as_tensor(gates, dtype=torch.bool).reshape(-1)
+    if g.numel() != rows:
+        raise ConfigError(
+            "one gate per row is needed",
+            expected=f"{rows} gates (the rows of set_alphas)",
+            found=str(g.numel()),
+            fix="call set_alphas with the same rows first",
+        )
+    return g
+
+
 @dataclass
 class SteeringConfig:
     """How to apply a :class:`~steer.vector.SteeringVector`. Unset fields fall back to the vector file's

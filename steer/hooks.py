@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import SteeringConfig, row_alphas, spread_rows
+from .config import SteeringConfig, check_gates, row_alphas, spread_rows
 from .errors import ConfigError
 from .handle import ForwardWrap, HookSet
 from .layers import get_layers
@@ -174,22 +174,7 @@ class Steering(HookSet):
         """Set every row's gate (bools, one per row of the last :meth:`set_alphas`) instead of deciding it at the
         next prefill: a scheduler that moves rows between batches carries each row's decision
         (``last_gate``) with it."""
-        if self.condition is None:
-            raise ConfigError(
-                "set_gates needs a conditional steering",
-                expected="a handle attached in mode 'conditional' (a condition)",
-                found="no condition",
-                fix="only call set_gates on conditional handles",
-            )
-        g = torch.as_tensor(gates, dtype=torch.bool).reshape(-1)
-        rows = next(iter(self._coef.values())).shape[0]
-        if g.numel() != rows:
-            raise ConfigError(
-                "one gate per row is needed",
-                expected=f"{rows} gates (the rows of set_alphas)",
-                found=str(g.numel()),
-                fix="call set_alphas with the same rows first",
-            )
+        g = check_gates(self.condition, gates, next(iter(self._coef.values())).shape[0])
         for dev in self._devices:
             torch.mul(self._coef[dev], g.to(dev, torch.float32)[:, None], out=self._coef_eff[dev])
         self._update_plans()

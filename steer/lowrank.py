@@ -44,12 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Condition, check_alpha, row_alphas, spread_rows
+from .config import Condition, check_alpha, check_gates, row_alphas, spread_rows
 from .errors import AlphaError, ConfigError
 from .handle import ForwardWrap, HookSet
-from .layers import get_layers
+from .layers import check_layers, get_layers
 from .params import check_task_model, dense_tau, factors, is_conv1d, task_info
-from .positions import past_length
+from .positions import is_cache, past_length
 from .vector import SteeringVector
 
 _PASS = threading.local()  # .on: a gate pass runs in this thread (every gated task vector is closed)
@@ -69,10 +69,6 @@ def _first_tensor(args, kwargs):
         if isinstance(x, torch.Tensor):
             return x
     return args[0] if args and isinstance(args[0], torch.Tensor) else None
-
-
-def _cache_arg(value) -> bool:
-    return callable(getattr(value, "get_seq_length", None))
 
 
 class TaskSteering(HookSet):
@@ -104,14 +100,7 @@ class TaskSteering(HookSet):
         self._read: tuple | None = None
         if condition is not None:
             blocks = get_layers(model, layers_path)
-            if not 0 <= condition.layer < len(blocks):
-                raise ConfigError(
-                    "the condition layer is not a block of this model",
-                    expected=f"0..{len(blocks) - 1}",
-                    found=str(condition.layer),
-                    fix="use a condition computed on this model",
-                )
-            block = blocks[condition.layer]
+            block = blocks[check_layers([condition.layer], len(blocks))[0]]
             dev = next((p.device for p in block.parameters()), torch.device("cpu"))
             c = condition.direction.float()
             self._cond_dir = (c / c.norm()).to(dev)
@@ -183,21 +172,7 @@ class TaskSteering(HookSet):
     def set_gates(self, gates) -> None:
         """Set every row's gate (bools, one per row of the last :meth:`set_alphas`) instead of deciding it at
         the next prefill: a scheduler that moves rows between batches carries each row's ``last_gate``."""
-        if self.condition is None:
-            raise ConfigError(
-                "set_gates needs a conditional steering",
-                expected="a task vector attached in mode 'conditional' (a condition)",
-                found="no condition",
-                fix="only call set_gates on conditional handles",
-            )
-        g = torch.as_tensor(gates, dtype=torch.bool).reshape(-1)
-        if g.numel() != self._alphas.numel():
-            raise ConfigError(
-                "one gate per row is needed",
-                expected=f"{self._alphas.numel()} gates (the rows of set_alphas)",
-                found=str(g.numel()),
-                fix="call set_alphas with the same rows first",
-            )
+        g = check_gates(self.condition, gates, self._alphas.numel())
         self._gate = g.clone()
         self._build_coef(self._alphas)
 
@@ -233,7 +208,7 @@ class TaskSteering(HookSet):
         kw = {
             k: v
             for k, v in kwargs.items()
-            if k not in ("past_key_values", "past_key_value", "cache", "use_cache") and not _cache_arg(v)
+            if k not in ("past_key_values", "past_key_value", "cache", "use_cache") and not is_cache(v)
         }
         if self._takes_use_cache:
             kw["use_cache"] = False
@@ -243,7 +218,7 @@ class TaskSteering(HookSet):
         self._read = None
         self._reading, _PASS.on = True, True
         try:
-            self.model(*(None if _cache_arg(a) else a for a in args), **kw)
+            self.model(*(None if is_cache(a) else a for a in args), **kw)
         except _GateRead:
             pass
         finally:

@@ -27,7 +27,8 @@ import torch
 from .errors import StateError
 
 
-def _cache_like(value) -> bool:
+def is_cache(value) -> bool:
+    """Whether ``value`` is a KV-cache object (anything with ``get_seq_length()``: every ``Cache`` class)."""
     return callable(getattr(value, "get_seq_length", None))
 
 
@@ -44,14 +45,14 @@ def _from_cache(args: tuple, kwargs: dict) -> int | None:
     for name, value in kwargs.items():
         if value is None:
             continue
-        if _cache_like(value):
+        if is_cache(value):
             return int(value.get_seq_length())
         if "past" in name:
             n = _legacy_length(value)
             if n is not None:
                 return n
     for value in args[1:]:  # positional caches (a forward called as model(ids, mask, pos, cache))
-        if _cache_like(value):
+        if is_cache(value):
             return int(value.get_seq_length())
     return None
 

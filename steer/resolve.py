@@ -78,14 +78,7 @@ def resolve_activation(
     source = config.source_layer if config.source_layer is not None else rec.get("source_layer")
     condition = config.condition or (_vector_condition(vector) if mode == "conditional" else None)
     if condition is not None:
-        condition = dataclasses.replace(condition, layer=check_layers([condition.layer], len(blocks))[0])
-        if condition.direction.shape[-1] != fp["hidden_size"]:
-            raise ConfigError(
-                "condition direction has the wrong width",
-                expected=f"[{fp['hidden_size']}]",
-                found=str(tuple(condition.direction.shape)),
-                fix="use a condition computed on this model",
-            )
+        condition = _checked_condition(condition, len(blocks), fp["hidden_size"])
         first = min(layers) - (1 if site == "input" else 0)
         if scope != "generated" and condition.layer > first:
             raise ConfigError(
@@ -130,6 +123,20 @@ def resolve_activation(
         n_ablate=n_ablate,
         layers_path=layers_path,
     )
+
+
+def _checked_condition(condition: Condition, num_layers: int, width: int) -> Condition:
+    """A copy of ``condition`` with its layer validated and normalised; ConfigError if its direction is not
+    ``width`` wide."""
+    condition = dataclasses.replace(condition, layer=check_layers([condition.layer], num_layers)[0])
+    if condition.direction.shape[-1] != width:
+        raise ConfigError(
+            "condition direction has the wrong width",
+            expected=f"[{width}]",
+            found=str(tuple(condition.direction.shape)),
+            fix="use a condition computed on this model",
+        )
+    return condition
 
 
 def _vector_condition(vector: SteeringVector) -> Condition:
@@ -221,17 +228,11 @@ def resolve_task(config: SteeringConfig, vector: SteeringVector, model: nn.Modul
         )
     condition = None
     if not merged and (mode == "conditional" or config.condition is not None):
-        condition = config.condition or _vector_condition(vector)
-        blocks = get_layers(model, layers_path)
-        condition = dataclasses.replace(condition, layer=check_layers([condition.layer], len(blocks))[0])
-        width = fingerprint(model, layers_path)["hidden_size"]
-        if condition.direction.shape[-1] != width:
-            raise ConfigError(
-                "condition direction has the wrong width",
-                expected=f"[{width}]",
-                found=str(tuple(condition.direction.shape)),
-                fix="use a condition computed on this model",
-            )
+        condition = _checked_condition(
+            config.condition or _vector_condition(vector),
+            len(get_layers(model, layers_path)),
+            fingerprint(model, layers_path)["hidden_size"],
+        )
     return Resolved(
         kind="task",  # the table's entry is filled in by resolve()
         alpha=alpha,

@@ -207,14 +207,6 @@ def violations(h: dict, reference: dict, bounds: ProtectBounds, suite: str) -> l
     return bad
 
 
-def _gate_from(refusal, sm, harmful, harmless):
-    """The gate for a task vector: among every layer the refusal vector has a direction for (a task vector's
-    gate pass can stop at any block), the one that best separates the tuning prompts on ``sm``."""
-    from .tune import calibrate_condition
-
-    return calibrate_condition(sm, refusal, harmful, harmless)
-
-
 def protect(
     aligned,
     finetuned,
@@ -251,7 +243,7 @@ def protect(
     from .protect_report import plot_report, print_table
     from .refusal import compute_refusal
     from .task import compute_task_vector
-    from .tune import TuneBounds, tune
+    from .tune import TuneBounds, calibrate_condition, tune
 
     bounds = bounds or ProtectBounds()
     console = console or Console(quiet=not progress)
@@ -283,15 +275,18 @@ def protect(
         kinds.append(("safety vector", compute_task_vector(al.model, b.model, progress=progress), SAFETY_ALPHAS))
         del b
     layer = refusal.recommended["layers"][0]
-    if sae and importlib.util.find_spec("sae_lens") is not None:
+    have_sae = importlib.util.find_spec("sae_lens") is not None
+    if sae and have_sae:
         from .sae import compute_sae_features, harmful_feature
 
         feats = compute_sae_features(
             al, layer, prompts.vectors_h, prompts.vectors_s, train=True, reduce="last", steps=800, progress=False
         )
         kinds.append(("SAE feature", harmful_feature(feats, layer), SAE_ALPHAS))
-    skipped_kinds = [] if (not sae or importlib.util.find_spec("sae_lens") is not None) else ["SAE feature"]
-    gate, unit = _gate_from(refusal, ft, prompts.tune_h, prompts.tune_s)
+    skipped_kinds = ["SAE feature"] if sae and not have_sae else []
+    # a task vector's gate: among every layer the refusal vector has a direction for (its gate pass can stop at
+    # any block), the one that best separates the tuning prompts on FINETUNED
+    gate, unit = calibrate_condition(ft, refusal, prompts.tune_h, prompts.tune_s)
 
     ekw = dict(
         judge=judge, max_new_tokens=eval_new_tokens, progress=False, prefill=True, prefill_lengths=PREFILL_LENGTHS
