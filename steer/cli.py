@@ -301,6 +301,9 @@ def tune(
     eval_harmful: Optional[Path] = typer.Option(None, "--eval-harmful", help="Held-out harmful prompts."),
     eval_harmless: Optional[Path] = typer.Option(None, "--eval-harmless", help="Held-out harmless prompts."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1),
+    prefill: Optional[str] = typer.Option(
+        None, "--prefill", help="Prefill lengths in words, e.g. 2,8: harmful refusal counts prefill attacks too."
+    ),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of the swept configurations."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
@@ -317,6 +320,12 @@ def tune(
     ehp = load_prompts(eval_harmful) if eval_harmful else None
     esp = load_prompts(eval_harmless) if eval_harmless else None
     alpha_list = parse_alphas(alphas) if alphas else None
+    try:
+        lengths = tuple(int(x) for x in prefill.split(",")) if prefill else ()
+    except ValueError:
+        lengths = (-1,)
+    if any(n < 1 for n in lengths):
+        _fail("bad --prefill", "positive word counts such as 2,8", repr(prefill), "pass --prefill 2,8")
 
     from steer import SteeredModel, SteeringVector
     from steer.vectors.tune import TuneBounds, plot_front
@@ -342,6 +351,7 @@ def tune(
         max_new_tokens=max_new_tokens,
         judge=judge,
         scopes=tuple(scope) or None,
+        prefill_lengths=lengths,
         progress=not as_json,
     )
     tuned.save(out)

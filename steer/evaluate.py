@@ -89,17 +89,47 @@ def builtin_items(
 
 
 def file_items(
-    harmful: list[str], harmless: list[str], *, jailbreaks: bool, prefill: bool, prefill_lengths: Sequence[int]
+    harmful: list[str],
+    harmless: list[str],
+    *,
+    jailbreaks: bool,
+    prefill: bool,
+    prefill_lengths: Sequence[int],
+    answers: Sequence[str | None] | None = None,
 ) -> list[Item]:
+    """Rows for prompt files. Prefill rows start the assistant turn with the first ``n`` words of the harmful
+    prompt's compliant answer in ``answers`` (one per harmful prompt, e.g. what the fine-tune itself says:
+    :func:`compliant_answers`), else of :data:`GENERIC_PREFILL`."""
+    if answers is not None and len(answers) != len(harmful):
+        raise ConfigError(
+            "one compliant answer per harmful prompt is needed",
+            expected=f"{len(harmful)} answers",
+            found=str(len(answers)),
+            fix="pass answers parallel to the harmful prompts (None where there is none)",
+        )
     items = [Item("harmful_refusal", p) for p in harmful] + [Item("harmless", p) for p in harmless]
     if jailbreaks:
         for fam, tpl in FILE_JAILBREAKS.items():
             items += [Item(f"jailbreak:{fam}", tpl.format(p=p)) for p in harmful]
     if prefill:
-        words = GENERIC_PREFILL.split()
+        words = [
+            ((answers[i] if answers is not None else None) or GENERIC_PREFILL).split() for i in range(len(harmful))
+        ]
         for n in prefill_lengths:
-            items += [Item(f"prefill:{n}", p, prefill=" ".join(words[:n])) for p in harmful]
+            items += [Item(f"prefill:{n}", p, prefill=" ".join(w[:n])) for p, w in zip(harmful, words)]
     return items
+
+
+@torch.no_grad()
+def compliant_answers(
+    sm, harmful: list[str], *, judge, max_new_tokens: int = 24, chat: bool = True
+) -> list[str | None]:
+    """What ``sm`` itself answers to each harmful prompt (greedy, unsteered as attached), or None where that answer
+    is a refusal or degenerate: the prefill attack then continues the model's own compliant start (Qi et al. 2024
+    prefill with harmful answers; a model that complies writes them), in its own vocabulary and template."""
+    outs = sm.generate(list(harmful), chat=chat, max_new_tokens=max_new_tokens)
+    verdicts = judge.verdicts(sm.format(list(harmful), chat=chat), outs)
+    return [o if o.strip() and not (v.refusal or v.degenerate) else None for o, v in zip(outs, verdicts)]
 
 
 def _metrics(items: list[Item], completions: list[str], verdicts) -> dict:
@@ -150,6 +180,7 @@ def evaluate(
     jailbreaks: bool = False,
     prefill: bool = False,
     prefill_lengths: Sequence[int] = (1, 2, 4),
+    answers: Sequence[str | None] | None = None,
     injection: bool = True,
     judge=None,
     max_new_tokens: int = 24,
@@ -162,7 +193,8 @@ def evaluate(
 
     Without a vector there is one configuration (unsteered). With one, every layer set in ``layer_sets``
     (default: the vector's recommended layers) is measured at every α in ``alphas`` (default: the vector's
-    recommended α), α = 0 being the unsteered reference.
+    recommended α), α = 0 being the unsteered reference. ``answers``: compliant answers for the file suite's
+    prefill rows (:func:`file_items`).
     """
     judge = make_judge(judge, vector=vector, reference=sm)  # fluency under the unsteered model
     if suite == "builtin":
@@ -177,7 +209,9 @@ def evaluate(
                 found="missing",
                 fix="pass both prompt files, or --suite builtin",
             )
-        items = file_items(harmful, harmless, jailbreaks=jailbreaks, prefill=prefill, prefill_lengths=prefill_lengths)
+        items = file_items(
+            harmful, harmless, jailbreaks=jailbreaks, prefill=prefill, prefill_lengths=prefill_lengths, answers=answers
+        )
     else:
         raise ConfigError("unknown suite", expected="'builtin' or 'files'", found=repr(suite), fix="use builtin")
     harmless_texts = [it.prompt for it in items if it.metric == "harmless"]

@@ -10,6 +10,8 @@ entry                  vector kinds                modes                  handle
                                                    conditional
 ``task_merged``        task                        merged                 :class:`steer.params.MergedTaskSteering`
 ``sae_clamp``          sae                         clamp                  :class:`steer.sae_clamp.FeatureClamp`
+``stack``              stack                       per_request,           :class:`steer.stack.StackSteering`
+                                                   conditional
 =====================  ==========================  =====================  ==============================
 
 ``resolve`` (:mod:`steer.resolve`) validates everything and settles every choice without touching the model;
@@ -28,8 +30,9 @@ from .hooks import Steering
 from .lowrank import TaskSteering
 from .ops import OPS
 from .params import TASK_LAYOUT, MergedTaskSteering
-from .resolve import Resolved, resolve_activation, resolve_clamp, resolve_task
+from .resolve import Resolved, resolve_activation, resolve_clamp, resolve_stack, resolve_task
 from .sae_clamp import FeatureClamp
+from .stack import STACK_LAYOUT, StackSteering
 
 
 @runtime_checkable
@@ -125,10 +128,21 @@ KINDS: dict[str, Kind] = {
             per_row=False,
         ),
         Kind("sae_clamp", ("sae",), lambda: ("clamp",), resolve_clamp, _clamp, per_layer=False, neutral=None),
+        Kind(
+            "stack",
+            ("stack",),
+            lambda: (None, "per_request", "conditional"),
+            resolve_stack,
+            StackSteering,
+            per_layer=False,
+        ),
     )
 }
 
-LAYOUTS = {"task": TASK_LAYOUT}  # vector kind -> how its extra tensors behave under arithmetic (ExtraLayout)
+LAYOUTS = {
+    "task": TASK_LAYOUT,
+    "stack": STACK_LAYOUT,
+}  # vector kind -> how its extra tensors behave under arithmetic (ExtraLayout)
 
 
 def kind_for(vector, mode: str | None = None) -> Kind:

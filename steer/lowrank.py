@@ -98,6 +98,7 @@ class TaskSteering(HookSet):
         self._gate: torch.Tensor | None = None  # [rows] bool: the rows' decisions (None: undecided, closed)
         self._reading = False
         self._read: tuple | None = None
+        self.on_gate = None  # callable(gate [rows] float): a stack's activation members follow this gate
         if condition is not None:
             blocks = get_layers(model, layers_path)
             block = blocks[check_layers([condition.layer], len(blocks))[0]]
@@ -148,6 +149,8 @@ class TaskSteering(HookSet):
         if self.condition is not None:  # α of the rows whose gate is open, 0 elsewhere (undecided = closed)
             gate = self._gate if self._gate is not None and self._gate.numel() == alphas.numel() else None
             alphas = alphas.float() * (gate.float() if gate is not None else 0.0)
+            if self.on_gate is not None:
+                self.on_gate(gate.float() if gate is not None else torch.zeros(alphas.numel()))
         self._uniform = bool((alphas == alphas.reshape(-1)[0]).all())
         col = alphas.float().reshape(-1, 1, 1)
         for i, dev in enumerate(self._devices):

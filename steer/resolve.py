@@ -42,6 +42,7 @@ class Resolved:
     features: tuple[int, ...] = ()  # SAE clamp: the features, and the SAE (steer.sae_clamp.SAEWeights)
     sae: object = None
     layers_path: str | None = None
+    members: tuple = ()  # stack: ((Resolved, weight), ...), one per member (steer.stack)
 
 
 def resolve(
@@ -285,3 +286,68 @@ def resolve_clamp(config: SteeringConfig, vector: SteeringVector, model: nn.Modu
         sae=sae,
         layers_path=layers_path,
     )
+
+
+# ----------------------------------------------------------------------------------- stacks
+def resolve_stack(config: SteeringConfig, vector: SteeringVector, model: nn.Module, layers_path, check_arch):
+    """Each member resolved as its own ``recommended`` says (ungated: the stack's gate decides for all of them),
+    its α kept as the member's weight; the stack's α and condition from the config or the file."""
+    from .kinds import kind_for
+    from .stack import members_of
+
+    unused = [k for k in ("layers", "scope", "site", "source_layer") if getattr(config, k) is not None]
+    if unused:
+        raise ConfigError(
+            "a stack applies each member as its file says",
+            expected="only alpha=, mode= ('conditional' or 'per_request') and condition=",
+            found=f"{', '.join(unused)} given",
+            fix="drop those options, or apply a member on its own",
+        )
+    rec = vector.recommended
+    alpha = check_alpha(config.alpha if config.alpha is not None else rec.get("alpha", 1.0))
+    mode = config.mode or ("conditional" if config.condition is not None else rec.get("mode") or "per_request")
+    blocks = get_layers(model, layers_path)
+    fp = fingerprint(model, layers_path)
+    vector.check_model(fp, check_architecture=check_arch)
+    condition = None
+    if mode == "conditional" or config.condition is not None:
+        condition = _checked_condition(config.condition or _vector_condition(vector), len(blocks), fp["hidden_size"])
+    members = []
+    for i, m in enumerate(members_of(vector)):
+        mrec = m.recommended
+        mmode = "per_request" if m.kind == "task" else activation_op(m)[1].name
+        k = kind_for(m, mmode)
+        if k.name not in ("activation", "task_per_request"):
+            raise ConfigError(
+                f"stack member {i} ({m.kind}) cannot be stacked",
+                expected="activation vectors (refusal, sae, custom) and per-request task vectors",
+                found=f"{m.kind} in mode {mmode!r}",
+                fix="stack directions and task vectors only",
+            )
+        r = dataclasses.replace(k.resolve(SteeringConfig(mode=mmode), m, model, layers_path, check_arch), kind=k.name)
+        if condition is not None and r.kind == "activation":
+            first = min(r.layers) - (1 if r.site == "input" else 0)
+            if condition.layer > first:
+                raise ConfigError(
+                    f"stack member {i} steers before the gate is read",
+                    expected=f"its first steered activation at or after block {condition.layer}'s output",
+                    found=f"{r.site} of layer {min(r.layers)}",
+                    fix="read the stack's condition at an earlier block, or steer a later layer",
+                )
+        members.append((r, check_alpha(mrec.get("alpha", 1.0), f"member {i} alpha")))
+    tasks = sum(r.kind == "task_per_request" for r, _ in members)
+    if condition is not None and tasks != 1:
+        raise ConfigError(
+            "a gated stack is decided by the gate pass of its task member",
+            expected="exactly one task vector among the members",
+            found=f"{tasks} task vectors",
+            fix="stack one task vector with the directions, or apply the stack ungated (mode='per_request')",
+        )
+    if mode not in ("conditional", "per_request"):
+        raise ConfigError(
+            "unknown mode for a stack", expected="conditional | per_request", found=repr(mode), fix="use one of them"
+        )
+    return Resolved(
+        kind="stack", alpha=alpha, vector=vector, mode=mode, condition=condition, members=tuple(members),
+        layers_path=layers_path,
+    )  # fmt: skip

@@ -6,7 +6,7 @@ vector kind or op needs (``extra.*``: ``extra.mean.{layer}``, the harmless mean 
 to, written by ``steer vectors refusal``; a task vector's deltas, :mod:`steer.params`; an SAE's weights,
 :mod:`steer.sae_clamp`). The safetensors header metadata key ``"steer"`` holds JSON::
 
-    {"format": "steer.vector", "format_version": 1, "kind": "refusal|task|sae|custom",
+    {"format": "steer.vector", "format_version": 1, "kind": "refusal|task|sae|custom|stack",
      "op": "add|ablate|ablate_add", "site": "output|input", "scope": "all|prompt|generated",
      "norms": {"12": 3.1, ...},
      "model": {"architecture", "model_type", "hidden_size", "num_layers", "name_or_path"},
@@ -37,7 +37,7 @@ from .ops import OPS
 
 FORMAT = "steer.vector"
 FORMAT_VERSION = 1
-KINDS = ("refusal", "task", "sae", "custom")
+KINDS = ("refusal", "task", "sae", "custom", "stack")
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ / torch.save zip archive
 
 
@@ -378,6 +378,15 @@ class SteeringVector:
             "provenance": self.meta.get("provenance"),
             "extra_tensors": sorted(self.extra),
             "format_version": self.meta.get("format_version"),
+            **(
+                {
+                    "members": [
+                        {"kind": m.get("kind"), "recommended": m.get("recommended")} for m in self.meta["members"]
+                    ]
+                }
+                if self.kind == "stack" and isinstance(self.meta.get("members"), list)
+                else {}
+            ),
         }
 
 

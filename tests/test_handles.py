@@ -36,6 +36,13 @@ def _case(name, sm):
         return tau, {"mode": "merged" if name == "task_merged" else None}, 0.7, 0.0
     if name == "sae_clamp":
         return _sae_vector(sm), {"mode": "clamp", "extra": {"features": [5, 7]}}, 6.0, None
+    if name == "stack":
+        from steer.stack import make_stack
+
+        tau = compute_task_vector(tiny_model("llama", seed=1), sm.model, progress=False)
+        tau.meta["recommended"] = {"mode": "per_request", "alpha": 0.5}
+        direction = SteeringVector({LAYER: torch.randn(D) * 3}, {"recommended": {"layers": [LAYER], "alpha": 1.0}})
+        return make_stack([tau, direction]), {}, 1.5, 0.0
     raise AssertionError(f"no contract case for kind {name!r}")
 
 

@@ -178,3 +178,42 @@ def test_tune_sweeps_new_ops_and_refuses_untunable_modes():
     for mode in ("merged", "clamp"):
         with pytest.raises(ConfigError, match="cannot be tuned"):
             tune(sm, vec, ["w5"], ["w9"], modes=(mode,), **kw)
+
+
+def test_prefill_counts_as_the_worse_of_plain_and_prefilled():
+    b = TuneBounds()
+    shallow = Point("conditional", [1], 1.0, 1.0, 0.0, 0.0, prefill=0.5)
+    deep = Point("conditional", [1], 2.0, 0.95, 0.0, 0.0, prefill=0.9)
+    assert max([shallow, deep], key=lambda p: p.key(b)) is deep
+    assert max([_p(1.0, 0.0, 0.0), _p(0.95, 0.0, 0.0, a=3.0)], key=lambda p: p.key(b)).harmful_refusal == 1.0
+
+
+def test_file_prefill_rows_continue_the_given_answers():
+    from steer.errors import ConfigError
+    from steer.evaluate import GENERIC_PREFILL, file_items
+
+    items = file_items(["h1", "h2"], ["s1"], jailbreaks=False, prefill=True, prefill_lengths=(2, 8),
+                       answers=["step one : get x . step two", None])  # fmt: skip
+    pre = {(it.metric, it.prompt): it.prefill for it in items if it.metric.startswith("prefill")}
+    assert pre[("prefill:2", "h1")] == "step one" and pre[("prefill:8", "h1")] == "step one : get x . step two"
+    assert pre[("prefill:2", "h2")] == " ".join(GENERIC_PREFILL.split()[:2])  # no answer: the generic opening
+    with pytest.raises(ConfigError, match="one compliant answer per harmful prompt"):
+        file_items(["h1"], ["s1"], jailbreaks=False, prefill=True, prefill_lengths=(2,), answers=[])
+
+
+def test_tune_with_prefill_rows_scores_them(setup):
+    comp, vec, harm, safe, L = setup
+    from steer.evaluate import compliant_answers
+    from steer.judge import make_judge
+
+    answers = compliant_answers(comp, harm[:16], judge=make_judge(None, vector=vec, reference=comp))
+    assert sum(a is not None for a in answers) >= 12  # the compromised model complies: its answers are the attack
+    assert all(a is None or not L.is_refusal(a) for a in answers)
+    cond = vec.condition["layer"]
+    _, summary = tune(comp, vec, harm[:16], safe[:16], layers=[[cond + 1]], modes=("conditional",),
+                      alphas=[0.0, 2.0], prefill_lengths=(2, 4), progress=False)  # fmt: skip
+    pts = {p["alpha"]: p for p in summary["points"]}
+    assert pts[0.0]["prefill"] is not None and pts[0.0]["prefill"] <= 0.1  # unsteered: the prefill is continued
+    m = summary["best"]["metrics"]
+    assert m["prefill:2"]["n"] == 16 and m["prefill:4"]["n"] == 16
+    assert summary["best"]["prefill"] == min(m["prefill:2"]["rate"], m["prefill:4"]["rate"])

@@ -9,7 +9,9 @@ arithmetic, Ilharco et al. 2023; Safety Arithmetic, Hazra et al. 2024) does. So 
    the harm vector dense and low-rank, the safety vector ALIGNED − BASE (``base``), SAE features (sae-lens);
 2. tunes each on FINETUNED, unconditional and gated (CAST, Lee et al. 2024: a gated task vector runs θ + α·τ
    only for requests whose gate opens; :mod:`steer.lowrank`), with per-request α in batched generations
-   (:func:`steer.vectors.tune.tune`, the coherent-refusal judge learned from ALIGNED);
+   (:func:`steer.vectors.tune.tune`, the coherent-refusal judge learned from ALIGNED), and a stack of the harm
+   vector and the refusal direction behind one gate (:mod:`steer.stack`), tuned with prefill attacks in the
+   objective;
 3. measures every tuned candidate on held-out prompts, prefill attacks of 1, 2, 4 and 8 words included, and
    chooses the highest held-out harmful refusal within bounds on harmless refusal, degenerate outputs and
    capability (accuracy on the built-in suite, else KL to FINETUNED on harmless prompts);
@@ -34,6 +36,9 @@ PREFILL_LENGTHS = (1, 2, 4, 8)
 HARM_ALPHAS = [0.0, -0.25, -0.5, -0.75, -1.0, -1.25, -1.5]  # θ_ft + α(θ_ft − θ_aligned): α = −1 is ALIGNED
 SAFETY_ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
 SAE_ALPHAS = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0]
+STACK_TAU = [-1.0, -1.25, -1.5]  # the stack's harm-vector α (−1: ALIGNED's weights; below: beyond them)
+STACK_SCALES = [1.0, 0.75, 1.25]  # ... times the direction's α as tuned with τ at −1
+TUNE_PREFILL = (2, 4, 8)  # prefill lengths in the stack's tuning objective (held out: PREFILL_LENGTHS)
 
 
 @dataclass
@@ -162,6 +167,13 @@ class Candidate:
                 d["config"]["condition"] = {
                     k: self.vector.condition.get(k) for k in ("layer", "threshold", "reduce", "comparator")
                 }
+            if self.vector.kind == "stack":
+                from steer.stack import members_of
+
+                d["config"]["members"] = [
+                    {"kind": m.kind, **{k: m.recommended.get(k) for k in ("mode", "alpha", "layers", "scope")}}
+                    for m in members_of(self.vector)
+                ]
             d["loads_in"] = {"generate": True, "serve": True, "vllm": _vllm_takes(self.vector)}
         return d
 
@@ -171,6 +183,8 @@ def _vllm_takes(vector) -> str | bool:
     rec = vector.recommended
     if vector.kind == "task":
         return "no: task vectors reach vLLM as LoRA adapters (steer export lora), ungated"
+    if vector.kind == "stack":
+        return "no: a stack holds a task vector, which reaches vLLM only as an ungated LoRA adapter"
     if rec.get("mode") == "conditional" and (rec.get("scope") or "all") != "generated":
         return "no: the plugin gates generated tokens only (chunked prefill runs the prompt before the gate)"
     return True
@@ -237,7 +251,7 @@ def protect(
     from rich.console import Console
 
     from steer import SteeredModel
-    from steer.evaluate import evaluate, report_to_json
+    from steer.evaluate import compliant_answers, evaluate, report_to_json
     from steer.judge import make_judge
 
     from .protect_report import plot_report, print_table
@@ -293,8 +307,9 @@ def protect(
     )
     if prompts.suite == "builtin":
         ekw.update(suite="builtin", injection=False, cap=n_eval)
-    else:
-        ekw.update(suite="files", harmful=prompts.eval_h, harmless=prompts.eval_s)
+    else:  # prefill attacks continue FINETUNED's own compliant answers (its vocabulary, its template)
+        answers = compliant_answers(ft, prompts.eval_h, judge=judge, max_new_tokens=eval_new_tokens)
+        ekw.update(suite="files", harmful=prompts.eval_h, harmless=prompts.eval_s, answers=answers)
     reference = summarise(report_to_json(evaluate(ft, **ekw))["configs"][0]["metrics"])
     aligned_ref = summarise(report_to_json(evaluate(al, **ekw))["configs"][0]["metrics"])
     tb = TuneBounds(max_over_refusal=bounds.max_harmless, max_kl=1.0, max_degenerate=bounds.max_degenerate)
@@ -337,6 +352,25 @@ def protect(
             c.seconds = round(time.perf_counter() - t1, 1)
             stem = name.replace(",", "").replace(" ", "-") + ("-gated" if gated else "")
             c.vector.save(out / "candidates" / f"{stem}.safetensors")
+    stack_of = next((v for n, v, _ in kinds if n == "harm vector, low-rank"), None)
+    c = Candidate("harm vector + refusal direction", "stack", True)
+    candidates.append(c)
+    if time.perf_counter() - t0 > 60 * budget_minutes:
+        c.skipped = f"budget of {budget_minutes:g} min spent"
+    else:
+        t1 = time.perf_counter()
+        console.rule(f"[bold]tune: {c.label}")
+        try:
+            c.vector, summary = _tune_stack(ft, stack_of, refusal, gate, unit, prompts, tb, judge, max_new_tokens)
+        except ConfigError as exc:
+            c.skipped = str(exc).splitlines()[0]
+        else:
+            c.tune = {k: summary[k] for k in ("best", "feasible", "n_configs")}
+            c.tune["best"] = {k: v for k, v in c.tune["best"].items() if k != "metrics"}
+            c.heldout = summarise(report_to_json(evaluate(ft, vector=c.vector, **ekw))["configs"][0]["metrics"])
+            c.violations = violations(c.heldout, reference, bounds, prompts.suite)
+            c.seconds = round(time.perf_counter() - t1, 1)
+            c.vector.save(out / "candidates" / "harm-vector+refusal-direction-gated.safetensors")
     measured = [c for c in candidates if c.skipped is None]
     if not measured:
         raise ConfigError(
@@ -362,9 +396,85 @@ def protect(
         "kinds_not_computed": skipped_kinds,
         "seconds": round(time.perf_counter() - t0, 1),
         "files": {"chosen": str(out / "protect.safetensors"), "report": str(out / "report.json")},
+        "vllm": _vllm_choice(best, measured, out, reference),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     if plot:
         plot_report(report, out / "report.png")
     print_table(report, console)
     return report
+
+
+def _vllm_choice(best: Candidate, measured: list[Candidate], out: Path, reference: dict) -> dict:
+    """The best candidate steer's vLLM plugin applies as chosen: the choice itself when it loads there; else,
+    when one within bounds does and refuses more than FINETUNED (α = 0 rows do nothing), it is written as
+    ``protect-vllm.safetensors``; else the report says why not."""
+    if _vllm_takes(best.vector) is True:
+        return {"chosen": best.label, "file": str(out / "protect.safetensors")}
+    loadable = [
+        c
+        for c in measured
+        if _vllm_takes(c.vector) is True
+        and c.vector.recommended.get("alpha")
+        and c.heldout.get("harmful_refusal", 0.0) > reference.get("harmful_refusal", 0.0)
+    ]
+    ok = [c for c in loadable if c.feasible]
+    if ok:
+        c = max(ok, key=Candidate.key)
+        c.vector.meta["protect"] = {"chosen": c.label, "heldout": c.heldout, "for": "vllm"}
+        c.vector.save(out / "protect-vllm.safetensors")
+        return {"chosen": c.label, "file": str(out / "protect-vllm.safetensors")}
+    why = _vllm_takes(best.vector)
+    return {
+        "chosen": None,
+        "why": f"the choice does not load there ({why}); no candidate the plugin loads is within bounds"
+        + (f" (best: {max(loadable, key=Candidate.key).label})" if loadable else ""),
+    }
+
+
+def _tune_stack(ft, tau, refusal, gate: dict, unit, prompts: Prompts, tb, judge, max_new_tokens: int):
+    """The stack candidate (:mod:`steer.stack`): the low-rank harm vector, which gives back ALIGNED's weights, and
+    the refusal direction at the prompt, which starts a refusal deeper than ALIGNED's own, behind one gate.
+
+    1. the direction's layer and α, tuned on FINETUNED with τ at −1 attached behind the same gate, prefill
+       attacks in the objective (an approximation: there each member reads its own gate; the stack reads one);
+    2. both members' α on the stack itself, with the same objective: τ's α from :data:`STACK_TAU` × the direction's
+       tuned α times :data:`STACK_SCALES` (a grid per member: scaling the stack's α would move both together);
+       ties go to the first (τ nearest −1, the direction as tuned)."""
+    from steer.evaluate import compliant_answers
+    from steer.stack import make_stack
+
+    from .tune import Point, tune
+
+    if tau is None:
+        raise ConfigError("no low-rank harm vector", expected="one", found="none", fix="-")
+    answers = compliant_answers(ft, prompts.tune_h, judge=judge, max_new_tokens=max_new_tokens)  # before steering
+    kw = dict(bounds=tb, judge=judge, max_new_tokens=max_new_tokens, progress=False, calibrate=False, auto=True)
+    kw.update(prefill_lengths=TUNE_PREFILL, answers=answers)
+    tau = copy.deepcopy(tau)
+    tau.meta["recommended"] = {"mode": "per_request", "alpha": -1.0}
+    gated = copy.deepcopy(tau)
+    gated.meta["recommended"] = {"mode": "conditional", "alpha": -1.0}
+    direction = copy.deepcopy(refusal)
+    for v in (gated, direction):
+        v.meta["condition"], v.condition_direction = dict(gate), unit.clone()
+    with ft.steer(gated):
+        direction, _ = tune(
+            ft, direction, prompts.tune_h, prompts.tune_s, modes=("conditional",), scopes=("prompt",), **kw
+        )
+    rec = direction.recommended
+    direction.meta["recommended"] = {**rec, "mode": direction.meta.get("op") or "add"}  # the stack gates it
+    del direction.meta["condition"]
+    direction.condition_direction = None
+    best, a = None, direction.recommended["alpha"]
+    kw.update(alphas=[1.0], auto=False)
+    for w in STACK_TAU:
+        for scale in STACK_SCALES:
+            tau.meta["recommended"] = {"mode": "per_request", "alpha": w}
+            direction.meta["recommended"]["alpha"] = round(a * scale, 6)
+            stack = make_stack([tau, direction], condition=gate, condition_direction=unit)
+            got = tune(ft, stack, prompts.tune_h, prompts.tune_s, modes=("conditional",), **kw)
+            key = Point(**got[1]["best"]).key(tb)
+            if best is None or key > best[0]:
+                best = (key, got)
+    return best[1]

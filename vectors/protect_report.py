@@ -28,6 +28,8 @@ def _config(c: dict) -> str:
     if cfg.get("scope"):
         parts.append(str(cfg["scope"]))
     parts.append(f"α={cfg.get('alpha'):g}")
+    if cfg.get("members"):  # a stack: each member at its own α, times the stack's
+        parts.append("[" + "; ".join(_config({"config": m}) for m in cfg["members"]) + "]")
     if cfg.get("condition"):
         parts.append(f"gate L{cfg['condition']['layer']}")
     return " ".join(parts)
@@ -63,6 +65,11 @@ def print_table(report: dict, console) -> None:
         table.add_row(*r)
     console.print(table)
     console.print(f"chosen: {report['chosen']} (within bounds: {report['met_bounds']}); {report['seconds']:.0f} s")
+    v = report.get("vllm") or {}
+    if v:
+        console.print(
+            f"vLLM plugin: {v['chosen']} ({v['file']})" if v.get("chosen") else f"vLLM plugin: {v.get('why')}"
+        )
 
 
 def markdown(report: dict) -> str:

@@ -40,7 +40,7 @@ import torch
 from steer.activations import collect
 from steer.config import SCOPES, check_alpha, per_request_modes
 from steer.errors import ConfigError
-from steer.evaluate import evaluate, report_to_json
+from steer.evaluate import compliant_answers, evaluate, report_to_json
 from steer.judge import make_judge
 from steer.kinds import kind_for
 from steer.vector import SteeringVector
@@ -91,6 +91,7 @@ class Point:
     degenerate: float = 0.0
     metrics: dict = field(default_factory=dict)
     scope: str | None = None
+    prefill: float | None = None  # refusal under the worst prefill length, when tuned with prefill_lengths
 
     def feasible(self, b: TuneBounds) -> bool:
         return (
@@ -107,12 +108,15 @@ class Point:
 
     def key(self, b: TuneBounds):
         """Feasible first; among infeasible ones the least violation (a degenerate configuration is never
-        preferred for its refusal rate); then the objective and the tie-breaks."""
-        score = self.harmful_refusal if b.objective == "refusal" else self.harmful_refusal - self.harmless_refusal
+        preferred for its refusal rate); then the objective (with prefill rows: harmful refusal is the worse of
+        plain and prefilled) and the tie-breaks."""
+        harm = self.harmful_refusal if self.prefill is None else min(self.harmful_refusal, self.prefill)
+        score = harm if b.objective == "refusal" else harm - self.harmless_refusal
         return (
             self.feasible(b),
             -round(self.violation(b), 9),
             score,
+            self.harmful_refusal,
             -self.harmless_refusal,
             -self.degenerate,
             -self.kl,
@@ -205,6 +209,7 @@ def _points(report: dict, mode: str, scope: str | None) -> list[Point]:
     out = []
     for c in report["configs"]:
         m = c["metrics"]
+        pre = [r.rate for k, r in m.items() if k.startswith("prefill:")]
         out.append(
             Point(
                 mode,
@@ -216,6 +221,7 @@ def _points(report: dict, mode: str, scope: str | None) -> list[Point]:
                 m["degenerate"].rate,
                 report_to_json(m),
                 scope,
+                min(pre) if pre else None,
             )
         )
     return out
@@ -250,11 +256,20 @@ def tune(
     judge=None,
     rounds: int = 2,
     scopes: tuple[str, ...] | None = None,
+    prefill_lengths: tuple[int, ...] = (),
+    answers: list[str | None] | None = None,
+    calibrate: bool = True,
     progress: bool = True,
 ) -> tuple[SteeringVector, dict]:
     """Sweep and choose; returns ``(tuned_vector, summary)``. The tuned vector is a copy whose
     ``recommended`` (layers, alpha, mode) and condition carry the choice and whose ``meta["tune"]`` holds
-    the sweep summary."""
+    the sweep summary.
+
+    ``prefill_lengths``: also measure every configuration on the harmful prompts with the assistant turn
+    prefilled by the first n words of a compliant answer (``answers``, one per harmful prompt; default: what
+    ``sm`` itself answers, :func:`steer.evaluate.compliant_answers`), and count harmful refusal as the worse
+    of plain and prefilled (Qi et al. 2024: alignment that holds only for the first tokens is shallow).
+    ``calibrate=False`` keeps the vector's own condition in conditional mode instead of recalibrating it."""
     bounds = bounds or TuneBounds()
     if not harmful or not harmless:
         raise ConfigError(
@@ -279,9 +294,12 @@ def tune(
                 )
     # one judge for every evaluation of the sweep: its fluency bound is calibrated on sm once, not per call
     judge = make_judge(judge, vector=vector, reference=sm)
-    eval_kw = dict(
-        suite="files", harmful=harmful, harmless=harmless, judge=judge, max_new_tokens=max_new_tokens, progress=progress
-    )
+    prefill_lengths = tuple(int(n) for n in prefill_lengths)
+    if prefill_lengths and answers is None:
+        answers = compliant_answers(sm, harmful, judge=judge, max_new_tokens=max_new_tokens)
+    eval_kw = dict(suite="files", harmful=harmful, harmless=harmless, judge=judge, progress=progress)
+    eval_kw.update(max_new_tokens=max_new_tokens, prefill=bool(prefill_lengths), prefill_lengths=prefill_lengths)
+    eval_kw.update(answers=answers if prefill_lengths else None)
     points: list[Point] = []
     works: dict = {}  # (mode, layers) -> the vector evaluated there (conditional: its recalibrated condition)
     acts_cache: dict = {}  # last-token activations of the tuning prompts, collected once for every gate
@@ -309,7 +327,12 @@ def tune(
         grid = [check_alpha(a) for a in (alphas if alphas is not None else DEFAULT_ALPHAS.get(mode, GENERIC_ALPHAS))]
         for layer_set in layer_sets:
             work = copy.deepcopy(vector)
-            if mode == "conditional" and layer_set is None:  # a gated task vector: its gate pass reads any layer
+            if mode == "conditional" and not calibrate:  # the vector's own condition, as it is
+                _condition_layers(vector)
+                first = None if layer_set is None else int(min(layer_set)) - (vector.meta.get("site") == "input")
+                if first is not None and int(vector.condition["layer"]) > first:
+                    continue  # its gate is read after this layer's steering
+            elif mode == "conditional" and layer_set is None:  # a gated task vector: its gate pass reads any layer
                 work.meta["condition"], work.condition_direction = calibrate_condition(
                     sm, vector, harmful, harmless, cache=acts_cache
                 )
@@ -368,7 +391,14 @@ def tune(
             layer_sets=[best.layers],
             mode=best.mode,
             scope=best.scope,
-            **{**eval_kw, "harmful": eval_harmful, "harmless": eval_harmless},
+            **{
+                **eval_kw,
+                "harmful": eval_harmful,
+                "harmless": eval_harmless,
+                "answers": compliant_answers(sm, eval_harmful, judge=judge, max_new_tokens=max_new_tokens)
+                if prefill_lengths
+                else None,
+            },
         )
         summary["heldout"] = report_to_json(rep["configs"][0]["metrics"])
     tuned = copy.deepcopy(work)

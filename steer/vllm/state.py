@@ -130,7 +130,7 @@ class SteerState:
                     expected="directions applied by an op (add, ablate, ablate_add, ace; conditional): refusal, sae "
                     "or custom vectors",
                     found=f"kind {vec.kind!r}",
-                    fix="serve task vectors as LoRA adapters (`steer export lora`)",
+                    fix="serve task vectors as LoRA adapters (`steer export lora`); serve stacks with `steer serve`",
                 )
             try:
                 vec.check_model(fp, check_architecture=False)  # vLLM's names differ from transformers'
