@@ -192,6 +192,8 @@ class TaskSteering(HookSet):
             seq = int(x.shape[1]) if x.dim() > 1 else 1
             if past_length(args, kwargs, seq) == 0 and (self.prompt_length is None or seq <= self.prompt_length):
                 alphas = self._alphas if self._alphas.numel() == batch else spread_rows(self._alphas, batch)
+                if self.on_gate is not None:  # followers closed, one row each, before the gate pass runs
+                    self.on_gate(torch.zeros(batch))
                 self._decide(args, kwargs, alphas)  # the set α are kept: the next batch may have other rows
                 return None
         if batch != rows:

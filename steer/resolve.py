@@ -306,6 +306,10 @@ def resolve_stack(config: SteeringConfig, vector: SteeringVector, model: nn.Modu
     rec = vector.recommended
     alpha = check_alpha(config.alpha if config.alpha is not None else rec.get("alpha", 1.0))
     mode = config.mode or ("conditional" if config.condition is not None else rec.get("mode") or "per_request")
+    if mode not in ("conditional", "per_request"):
+        raise ConfigError(
+            "unknown mode for a stack", expected="conditional | per_request", found=repr(mode), fix="use one of them"
+        )
     blocks = get_layers(model, layers_path)
     fp = fingerprint(model, layers_path)
     vector.check_model(fp, check_architecture=check_arch)
@@ -343,11 +347,12 @@ def resolve_stack(config: SteeringConfig, vector: SteeringVector, model: nn.Modu
             found=f"{tasks} task vectors",
             fix="stack one task vector with the directions, or apply the stack ungated (mode='per_request')",
         )
-    if mode not in ("conditional", "per_request"):
-        raise ConfigError(
-            "unknown mode for a stack", expected="conditional | per_request", found=repr(mode), fix="use one of them"
-        )
     return Resolved(
-        kind="stack", alpha=alpha, vector=vector, mode=mode, condition=condition, members=tuple(members),
+        kind="stack",
+        alpha=alpha,
+        vector=vector,
+        mode="conditional" if condition is not None else "per_request",
+        condition=condition,
+        members=tuple(members),
         layers_path=layers_path,
     )  # fmt: skip

@@ -20,6 +20,8 @@ members must steer after the condition block's output is read (as for a gated ac
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .config import check_gates, row_alphas, spread_rows
@@ -64,13 +66,15 @@ def make_stack(
             raise ConfigError(
                 "stacks do not nest", expected="refusal, sae, custom or task members", found="a stack", fix="flatten it"
             )
+        _check_member(i, m.meta)
         p = f"{PREFIX}{i}."
         extra.update({f"{p}direction.{l}": d.clone() for l, d in m.directions.items()})  # own storage: a file
         extra.update({f"{p}extra.{k}": t.clone() for k, t in m.extra.items()})  # may not share tensors
         if m.condition_direction is not None:
             extra[f"{p}condition.direction"] = m.condition_direction.clone()
-        metas.append({k: v for k, v in m.meta.items() if k != "norms"})
+        metas.append(copy.deepcopy({k: v for k, v in m.meta.items() if k != "norms"}))
     models = [m.meta.get("model") for m in members if m.meta.get("model")]
+    judges = [m.meta["judge"] for m in members if m.meta.get("judge")]  # so evaluate / tune find the pair judge
     out = {
         **(meta or {}),
         "kind": "stack",
@@ -78,10 +82,42 @@ def make_stack(
         "model": dict(models[0]) if models else None,
         "recommended": {"alpha": float(alpha), "mode": "conditional" if condition else "per_request"},
     }
+    if judges:
+        out["judge"] = copy.deepcopy(judges[0])
     if condition:
         out["condition"] = dict(condition)
     cdir = None if condition_direction is None else condition_direction.clone()
     return SteeringVector({}, out, cdir, extra)
+
+
+def _check_member(i: int, meta) -> None:
+    """A member is applied as its ``recommended`` says, ungated: the stack's own condition gates every member."""
+    if not isinstance(meta, dict) or meta.get("kind") == "stack":
+        raise VectorFileError(
+            f"stack member {i}'s metadata is invalid",
+            expected="an object of a refusal, sae, custom or task vector",
+            found=repr(meta)[:80],
+            fix="re-save the stack with steer",
+        )
+    if (meta.get("recommended") or {}).get("mode") == "conditional":
+        raise ConfigError(
+            f"stack member {i} asks to be gated on its own",
+            expected="members applied ungated (their op, or per_request for a task vector); one gate for the stack",
+            found="recommended mode 'conditional'",
+            fix="pass the condition to make_stack(condition=..., condition_direction=...) and set the member's "
+            "recommended mode to its op (or per_request)",
+        )
+
+
+def _index(name: str, what: str, n: int | None = None) -> int:
+    if not (name.isascii() and name.isdecimal()) or (n is not None and int(name) >= n):
+        raise VectorFileError(
+            f"stack tensor names a bad {what}",
+            expected=f"a {what} written in decimal digits" + (f", below {n}" if n is not None else ""),
+            found=repr(name),
+            fix="re-save the stack with steer",
+        )
+    return int(name)
 
 
 def members_of(vector: SteeringVector) -> list[SteeringVector]:
@@ -94,19 +130,36 @@ def members_of(vector: SteeringVector) -> list[SteeringVector]:
             found=f"kind {vector.kind!r}",
             fix="build one with steer.stack.make_stack",
         )
+    if vector.directions:
+        raise VectorFileError(
+            "a stack keeps its directions in its members",
+            expected="extra.m<i>.direction.<layer> tensors only",
+            found=f"top-level directions for layers {vector.layers}",
+            fix="re-save the stack with steer",
+        )
+    for i, m in enumerate(metas):
+        _check_member(i, m)
     parts: list[dict] = [{"directions": {}, "extra": {}, "cond": None} for _ in metas]
     for name, t in vector.extra.items():
         head, _, rest = name.partition(".")
-        i = int(head[len(PREFIX) :]) if head.startswith(PREFIX) and head[len(PREFIX) :].isdigit() else -1
-        if not 0 <= i < len(metas):
+        if not head.startswith(PREFIX):
             raise VectorFileError(
                 f"stack tensor {name!r} belongs to no member",
                 expected=f"extra.m<0..{len(metas) - 1}>.*",
                 found=name,
                 fix="re-save the stack with steer",
             )
+        i = _index(head[len(PREFIX) :], "member", len(metas))
         if rest.startswith("direction."):
-            parts[i]["directions"][int(rest.split(".", 1)[1])] = t
+            layer = _index(rest.split(".", 1)[1], "layer")
+            if layer in parts[i]["directions"]:
+                raise VectorFileError(
+                    f"stack member {i} has two tensors for layer {layer}",
+                    expected="one direction per layer",
+                    found=name,
+                    fix="re-save the stack with steer",
+                )
+            parts[i]["directions"][layer] = t
         elif rest == "condition.direction":
             parts[i]["cond"] = t
         elif rest.startswith("extra."):
@@ -118,17 +171,7 @@ def members_of(vector: SteeringVector) -> list[SteeringVector]:
                 found=name,
                 fix="re-save the stack with steer",
             )
-    out = []
-    for m, p in zip(metas, parts):
-        if not isinstance(m, dict) or m.get("kind") == "stack":
-            raise VectorFileError(
-                "a stack member's metadata is invalid",
-                expected="an object of a refusal, sae, custom or task vector",
-                found=repr(m)[:80],
-                fix="re-save the stack with steer",
-            )
-        out.append(SteeringVector(p["directions"], dict(m), p["cond"], p["extra"]))
-    return out
+    return [SteeringVector(p["directions"], copy.deepcopy(m), p["cond"], p["extra"]) for m, p in zip(metas, parts)]
 
 
 class StackSteering:

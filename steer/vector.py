@@ -381,7 +381,8 @@ class SteeringVector:
             **(
                 {
                     "members": [
-                        {"kind": m.get("kind"), "recommended": m.get("recommended")} for m in self.meta["members"]
+                        {"kind": m.get("kind"), "recommended": m.get("recommended")} if isinstance(m, dict) else None
+                        for m in self.meta["members"]
                     ]
                 }
                 if self.kind == "stack" and isinstance(self.meta.get("members"), list)

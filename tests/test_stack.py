@@ -141,14 +141,32 @@ def test_set_gates_carries_decisions(sm):
     st, *_ = _stack(sm, scope="all")
     enc = sm.encode(sm.format(PROMPTS[:2]), True, position_ids=True)
     base = sm.model(**enc).logits
+    with sm.steer(make_stack(members_of(st))) as h:  # ungated: every member on every row
+        h.set_alphas([1.0, 1.0])
+        both = sm.model(**enc).logits
     with sm.steer(st) as h:
         h.set_alphas([1.0, 1.0])
         h.set_gates([False, True])
         h.begin(0)
         got = sm.model(**enc).logits
-        assert torch.equal(got[0], base[0]) and not torch.equal(got[1], base[1])
+        assert torch.equal(got[0], base[0]) and torch.equal(got[1], both[1])  # the direction follows the gate too
         with pytest.raises(ConfigError, match="one gate per row"):
             h.set_gates([True])
+
+
+@torch.no_grad()
+def test_batches_of_other_sizes_after_one_set_alphas(sm):
+    """One α for every row, then prefills of 2, 3 and 1 rows: each batch equals a fresh handle on it."""
+    st, *_ = _stack(sm, scope="all")
+    batches = [PROMPTS[:2], PROMPTS[2:5], PROMPTS[5:]]
+    encs = [sm.encode(sm.format(b), True, position_ids=True) for b in batches]
+    with sm.steer(st) as h:
+        h.set_alphas(1.5)
+        got = [sm.model(**e).logits for e in encs]
+    for e, g in zip(encs, got):
+        with sm.steer(st) as h:
+            h.set_alphas(1.5)
+            assert torch.equal(sm.model(**e).logits, g)
 
 
 def test_bad_stacks_are_refused_before_attaching(sm):
@@ -166,17 +184,54 @@ def test_bad_stacks_are_refused_before_attaching(sm):
         sm.steer(st, layers=[1])
     with pytest.raises(ConfigError, match="at least two"):
         make_stack([tau])
+    gated_member = SteeringVector(direction.directions, {**direction.meta, "condition": cond}, cdir)
+    gated_member.meta["recommended"] = {**direction.recommended, "mode": "conditional"}
+    with pytest.raises(ConfigError, match="gated on its own"):
+        make_stack([tau, gated_member], condition=cond, condition_direction=cdir)
+    from steer import Condition
+
+    h = sm.steer(make_stack([tau, direction]), mode="per_request", condition=Condition(COND_LAYER, cdir, 0.0))
+    assert h.mode == "conditional" and h.condition is not None  # a condition given: the stack is gated
+    h.remove()
     wide = SteeringVector({DIR_LAYER: torch.ones(D + 1)}, {"kind": "refusal"})
     with pytest.raises(Exception, match="hidden size"):
         sm.steer(make_stack([tau, wide]))
     assert_unhooked(sm.model, sm.layers)
 
 
-def test_foreign_member_tensor_is_refused(tmp_path, sm):
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("m7.direction.0", "bad member"),
+        ("x0.direction.0", "no member"),
+        ("m0.direction.x", "bad layer"),
+        ("m0.direction.-3", "bad layer"),
+        ("m\u00b2.direction.0", "bad member"),
+        ("m1.direction.02", "two tensors for layer 2"),
+        ("m0.weights", "unknown stack tensor"),
+    ],
+)
+def test_malformed_stack_files_are_refused_by_name(tmp_path, sm, name, match):
     st, *_ = _stack(sm)
-    bad = SteeringVector({}, dict(st.meta), st.condition_direction, {**st.extra, "m7.direction.0": torch.ones(D)})
-    with pytest.raises(VectorFileError, match="no member"):
+    bad = SteeringVector({}, dict(st.meta), st.condition_direction, {**st.extra, name: torch.ones(D)})
+    with pytest.raises(VectorFileError, match=match):
         members_of(SteeringVector.load(bad.save(tmp_path / "b.safetensors")))
+    top = SteeringVector({1: torch.ones(D)}, dict(st.meta), st.condition_direction, dict(st.extra))
+    with pytest.raises(VectorFileError, match="in its members"):
+        members_of(top)
+    odd = SteeringVector({}, {**st.meta, "members": ["a", "b"]}, st.condition_direction, dict(st.extra))
+    assert odd.describe()["members"] == [None, None]
+    with pytest.raises(VectorFileError, match="metadata is invalid"):
+        members_of(odd)
+
+
+def test_the_stack_carries_its_members_judge(sm):
+    tau, direction, cond, cdir, _ = _parts(sm)
+    direction.meta["judge"] = {"kind": "pair", "openings": ["no ."]}
+    st = make_stack([tau, direction], condition=cond, condition_direction=cdir)
+    assert st.meta["judge"] == direction.meta["judge"]
+    direction.meta["recommended"]["alpha"] = 9.0  # the stack holds its own copy of each member's metadata
+    assert members_of(st)[1].recommended["alpha"] == W_DIR
 
 
 @torch.no_grad()

@@ -307,9 +307,12 @@ def protect(
     )
     if prompts.suite == "builtin":
         ekw.update(suite="builtin", injection=False, cap=n_eval)
+        prefill_source = "the suite's compliant answers"
     else:  # prefill attacks continue FINETUNED's own compliant answers (its vocabulary, its template)
         answers = compliant_answers(ft, prompts.eval_h, judge=judge, max_new_tokens=eval_new_tokens)
         ekw.update(suite="files", harmful=prompts.eval_h, harmless=prompts.eval_s, answers=answers)
+        n_own = sum(a is not None for a in answers)
+        prefill_source = f"FINETUNED's own answers for {n_own} of {len(answers)} prompts, a generic opening elsewhere"
     reference = summarise(report_to_json(evaluate(ft, **ekw))["configs"][0]["metrics"])
     aligned_ref = summarise(report_to_json(evaluate(al, **ekw))["configs"][0]["metrics"])
     tb = TuneBounds(max_over_refusal=bounds.max_harmless, max_kl=1.0, max_degenerate=bounds.max_degenerate)
@@ -361,7 +364,10 @@ def protect(
         t1 = time.perf_counter()
         console.rule(f"[bold]tune: {c.label}")
         try:
-            c.vector, summary = _tune_stack(ft, stack_of, refusal, gate, unit, prompts, tb, judge, max_new_tokens)
+            deadline = t0 + 60 * budget_minutes
+            c.vector, summary = _tune_stack(
+                ft, stack_of, refusal, gate, unit, prompts, tb, judge, max_new_tokens, deadline
+            )
         except ConfigError as exc:
             c.skipped = str(exc).splitlines()[0]
         else:
@@ -386,7 +392,7 @@ def protect(
         "aligned": str(aligned),
         "finetuned": str(finetuned),
         "base": None if base is None else str(base),
-        "prompts": {"source": prompts.source, "suite": prompts.suite},
+        "prompts": {"source": prompts.source, "suite": prompts.suite, "prefill": prefill_source},
         "bounds": asdict(bounds),
         "reference": {"finetuned": reference, "aligned": aligned_ref},
         "judge": judge.describe(),
@@ -405,34 +411,59 @@ def protect(
     return report
 
 
+def _lora_rank(vector) -> int | None:
+    """The vLLM LoRA rank that carries this ungated task vector exactly (its stored rank, every tensor a projection
+    weight), else None: a dense τ would be truncated, an embedding or norm delta dropped, a gate lost."""
+    from .lora import VLLM_RANKS, split_targets
+
+    if vector.kind != "task" or vector.recommended.get("mode") == "conditional":
+        return None
+    rank = (vector.meta.get("task") or {}).get("rank")
+    if not rank or split_targets(vector)[1]:
+        return None
+    return next((r for r in VLLM_RANKS if r >= int(rank)), None)
+
+
 def _vllm_choice(best: Candidate, measured: list[Candidate], out: Path, reference: dict) -> dict:
-    """The best candidate steer's vLLM plugin applies as chosen: the choice itself when it loads there; else,
-    when one within bounds does and refuses more than FINETUNED (α = 0 rows do nothing), it is written as
-    ``protect-vllm.safetensors``; else the report says why not."""
+    """What vLLM gets: the choice itself when steer's plugin applies it; else the best candidate within bounds that
+    refuses more than FINETUNED (α = 0 rows do nothing) and that vLLM runs exactly, through steer's plugin
+    (written as ``protect-vllm.safetensors``) or as a LoRA adapter (an ungated low-rank task vector whose every
+    tensor LoRA carries: ``vllm-lora/``, :func:`steer.vectors.lora.export_lora`); else why there is none."""
+    from .lora import export_lora
+
     if _vllm_takes(best.vector) is True:
-        return {"chosen": best.label, "file": str(out / "protect.safetensors")}
-    loadable = [
+        return {"chosen": best.label, "route": "plugin", "file": str(out / "protect.safetensors")}
+    ok = [
         c
         for c in measured
-        if _vllm_takes(c.vector) is True
+        if c.feasible
+        and (_vllm_takes(c.vector) is True or _lora_rank(c.vector) is not None)
         and c.vector.recommended.get("alpha")
         and c.heldout.get("harmful_refusal", 0.0) > reference.get("harmful_refusal", 0.0)
     ]
-    ok = [c for c in loadable if c.feasible]
-    if ok:
-        c = max(ok, key=Candidate.key)
+    if not ok:
+        return {
+            "chosen": None,
+            "why": f"the choice does not load there ({_vllm_takes(best.vector)}); no candidate that vLLM runs "
+            "exactly (steer's plugin, or a LoRA adapter of an ungated low-rank task vector) is within bounds "
+            "and refuses more than FINETUNED",
+        }
+    c = max(ok, key=Candidate.key)
+    if _vllm_takes(c.vector) is True:
         c.vector.meta["protect"] = {"chosen": c.label, "heldout": c.heldout, "for": "vllm"}
         c.vector.save(out / "protect-vllm.safetensors")
-        return {"chosen": c.label, "file": str(out / "protect-vllm.safetensors")}
-    why = _vllm_takes(best.vector)
+        return {"chosen": c.label, "route": "plugin", "file": str(out / "protect-vllm.safetensors")}
+    lora = export_lora(c.vector, out / "vllm-lora", rank=_lora_rank(c.vector))
     return {
-        "chosen": None,
-        "why": f"the choice does not load there ({why}); no candidate the plugin loads is within bounds"
-        + (f" (best: {max(loadable, key=Candidate.key).label})" if loadable else ""),
+        "chosen": c.label,
+        "route": "lora",
+        "file": lora["dir"],
+        "serve": f"vllm serve MODEL --enable-lora --max-lora-rank {lora['rank']} --lora-modules protect={lora['dir']}",
+        "max_truncation_error": lora["max_truncation_error"],
     }
 
 
-def _tune_stack(ft, tau, refusal, gate: dict, unit, prompts: Prompts, tb, judge, max_new_tokens: int):
+def _tune_stack(ft, tau, refusal, gate: dict, unit, prompts: Prompts, tb, judge, max_new_tokens: int, deadline):
     """The stack candidate (:mod:`steer.stack`): the low-rank harm vector, which gives back ALIGNED's weights, and
     the refusal direction at the prompt, which starts a refusal deeper than ALIGNED's own, behind one gate.
 
@@ -440,7 +471,7 @@ def _tune_stack(ft, tau, refusal, gate: dict, unit, prompts: Prompts, tb, judge,
        attacks in the objective (an approximation: there each member reads its own gate; the stack reads one);
     2. both members' α on the stack itself, with the same objective: τ's α from :data:`STACK_TAU` × the direction's
        tuned α times :data:`STACK_SCALES` (a grid per member: scaling the stack's α would move both together);
-       ties go to the first (τ nearest −1, the direction as tuned)."""
+       ties go to the first (τ nearest −1, the direction as tuned); the grid stops at ``deadline``."""
     from steer.evaluate import compliant_answers
     from steer.stack import make_stack
 
@@ -470,6 +501,8 @@ def _tune_stack(ft, tau, refusal, gate: dict, unit, prompts: Prompts, tb, judge,
     kw.update(alphas=[1.0], auto=False)
     for w in STACK_TAU:
         for scale in STACK_SCALES:
+            if best is not None and time.perf_counter() > deadline:
+                break
             tau.meta["recommended"] = {"mode": "per_request", "alpha": w}
             direction.meta["recommended"]["alpha"] = round(a * scale, 6)
             stack = make_stack([tau, direction], condition=gate, condition_direction=unit)

@@ -27,7 +27,7 @@ def _config(c: dict) -> str:
         parts.append("L" + ",".join(map(str, cfg["layers"])))
     if cfg.get("scope"):
         parts.append(str(cfg["scope"]))
-    parts.append(f"α={cfg.get('alpha'):g}")
+    parts.append(f"α={cfg.get('alpha') if cfg.get('alpha') is not None else 1.0:g}")
     if cfg.get("members"):  # a stack: each member at its own α, times the stack's
         parts.append("[" + "; ".join(_config({"config": m}) for m in cfg["members"]) + "]")
     if cfg.get("condition"):
@@ -68,7 +68,7 @@ def print_table(report: dict, console) -> None:
     v = report.get("vllm") or {}
     if v:
         console.print(
-            f"vLLM plugin: {v['chosen']} ({v['file']})" if v.get("chosen") else f"vLLM plugin: {v.get('why')}"
+            f"vLLM: {v['chosen']} ({v['route']}: {v['file']})" if v.get("chosen") else f"vLLM: {v.get('why')}"
         )
 
 

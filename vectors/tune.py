@@ -116,7 +116,7 @@ class Point:
             self.feasible(b),
             -round(self.violation(b), 9),
             score,
-            self.harmful_refusal,
+            self.harmful_refusal if self.prefill is not None else 0.0,  # plain refusal breaks prefill ties
             -self.harmless_refusal,
             -self.degenerate,
             -self.kl,
