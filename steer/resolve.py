@@ -204,17 +204,22 @@ def _extra(vector: SteeringVector, name: str, layers: tuple[int, int], op: Op) -
 
 
 # ----------------------------------------------------------------------------------- task vectors
+def _no_layer_options(config: SteeringConfig, why: str, expected: str, fix: str) -> None:
+    """ConfigError when ``config`` sets options of one layer's activations for a kind that has none."""
+    unused = [k for k in ("layers", "scope", "site", "source_layer") if getattr(config, k) is not None]
+    if unused:
+        raise ConfigError(why, expected=expected, found=f"{', '.join(unused)} given", fix=fix)
+
+
 def resolve_task(config: SteeringConfig, vector: SteeringVector, model: nn.Module, layers_path, check_arch):
     from .params import check_task_model
 
-    unused = [k for k in ("layers", "scope", "site", "source_layer") if getattr(config, k) is not None]
-    if unused:
-        raise ConfigError(
-            "task vectors change weights, not one layer's activations",
-            expected="only alpha=, mode= ('merged', per-request or 'conditional') and condition=",
-            found=f"{', '.join(unused)} given",
-            fix="drop those options for a task vector",
-        )
+    _no_layer_options(
+        config,
+        "task vectors change weights, not one layer's activations",
+        "only alpha=, mode= ('merged', per-request or 'conditional') and condition=",
+        "drop those options for a task vector",
+    )
     check_task_model(vector, model)
     alpha = check_alpha(config.alpha if config.alpha is not None else vector.recommended.get("alpha", 1.0))
     gated = config.condition is not None or vector.recommended.get("mode") == "conditional"
@@ -295,14 +300,12 @@ def resolve_stack(config: SteeringConfig, vector: SteeringVector, model: nn.Modu
     from .kinds import kind_for
     from .stack import members_of
 
-    unused = [k for k in ("layers", "scope", "site", "source_layer") if getattr(config, k) is not None]
-    if unused:
-        raise ConfigError(
-            "a stack applies each member as its file says",
-            expected="only alpha=, mode= ('conditional' or 'per_request') and condition=",
-            found=f"{', '.join(unused)} given",
-            fix="drop those options, or apply a member on its own",
-        )
+    _no_layer_options(
+        config,
+        "a stack applies each member as its file says",
+        "only alpha=, mode= ('conditional' or 'per_request') and condition=",
+        "drop those options, or apply a member on its own",
+    )
     rec = vector.recommended
     alpha = check_alpha(config.alpha if config.alpha is not None else rec.get("alpha", 1.0))
     mode = config.mode or ("conditional" if config.condition is not None else rec.get("mode") or "per_request")

@@ -8,14 +8,12 @@ projection of the unsteered block output; mixed-gate generation equals each requ
 import pytest
 import torch
 from capture import assert_unhooked
-from test_task_gate import COND_LAYER, PROMPTS, _gated, _job, _scores
+from test_task_gate import COND_LAYER, PROMPTS, _gated, _scores, serve_matches_generate
 from tiny_models import D, tiny_model, tiny_tokenizer
 
 from steer import SteeredModel, SteeringVector
 from steer.errors import ConfigError, VectorFileError
 from steer.params import MergedTaskSteering
-from steer.serve.engine import Engine
-from steer.serve.protocol import Policy
 from steer.stack import StackSteering, make_stack, members_of
 
 pytestmark = pytest.mark.usefixtures("exact_and_one_thread")
@@ -236,21 +234,4 @@ def test_the_stack_carries_its_members_judge(sm):
 
 @torch.no_grad()
 def test_serve_engine_gates_a_stack_per_row_across_joins(sm):
-    st, *_ = _stack(sm)
-    eng = Engine(sm, Policy(vectors={"t": st}))
-    jobs = [_job(sm, p, 1.0, 3 + 2 * i) for i, p in enumerate(PROMPTS)]
-    step, finished, pending = 0, [], list(jobs)
-    while len(finished) < len(jobs):
-        if pending and eng.can_join:
-            finished += eng.add([pending.pop(0)])
-        finished += eng.step()
-        step += 1
-        assert step < 200
-    opened = []
-    for p, j in zip(PROMPTS, jobs):
-        assert j.error is None, j.error
-        assert j.text == sm.generate([p], vector=st, alphas=[1.0], max_new_tokens=j.request.sampling.max_tokens)[0]
-        opened.append(j.gates["t"]["open"])
-    assert 0 < sum(opened) < len(jobs)
-    assert not eng.handles
-    assert_unhooked(sm.model, sm.layers)
+    serve_matches_generate(sm, _stack(sm)[0], 1.0)

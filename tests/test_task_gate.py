@@ -199,11 +199,11 @@ def _job(sm, prompt, alpha, max_tokens):
     return Job(req, prompt_ids=sm.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-@torch.no_grad()
-def test_serve_engine_gates_task_vectors_per_row_across_joins(sm):
-    vec, _ = _gated(sm, 3)
+def serve_matches_generate(sm, vec, alpha):
+    """Serve PROMPTS through `steer serve`'s engine, rows joining between decode steps: each row equals
+    SteeredModel.generate alone, the gates differ across rows, and nothing stays attached."""
     eng = Engine(sm, Policy(vectors={"t": vec}))
-    jobs = [_job(sm, p, 2.0, 3 + 2 * i) for i, p in enumerate(PROMPTS)]
+    jobs = [_job(sm, p, alpha, 3 + 2 * i) for i, p in enumerate(PROMPTS)]
     step, finished, pending = 0, [], list(jobs)
     while len(finished) < len(jobs):
         if pending and eng.can_join:
@@ -214,8 +214,13 @@ def test_serve_engine_gates_task_vectors_per_row_across_joins(sm):
     opened = []
     for p, j in zip(PROMPTS, jobs):
         assert j.error is None, j.error
-        assert j.text == sm.generate([p], vector=vec, alphas=[2.0], max_new_tokens=j.request.sampling.max_tokens)[0]
+        assert j.text == sm.generate([p], vector=vec, alphas=[alpha], max_new_tokens=j.request.sampling.max_tokens)[0]
         opened.append(j.gates["t"]["open"])
     assert 0 < sum(opened) < len(jobs)
     assert not eng.handles
     assert_unhooked(sm.model, sm.layers)
+
+
+@torch.no_grad()
+def test_serve_engine_gates_task_vectors_per_row_across_joins(sm):
+    serve_matches_generate(sm, _gated(sm, 3)[0], 2.0)
