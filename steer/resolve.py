@@ -80,7 +80,7 @@ def resolve_activation(
     condition = config.condition or (_vector_condition(vector) if mode == "conditional" else None)
     if condition is not None:
         condition = _checked_condition(condition, len(blocks), fp["hidden_size"])
-        first = min(layers) - (1 if site == "input" else 0)
+        first = first_steered(layers, site)
         if scope != "generated" and condition.layer > first:
             raise ConfigError(
                 "the condition is read after the first steered activation of the prompt",
@@ -124,6 +124,12 @@ def resolve_activation(
         n_ablate=n_ablate,
         layers_path=layers_path,
     )
+
+
+def first_steered(layers, site: str) -> int:
+    """The last block whose output a gate may read before steering at ``layers`` touches the residual stream: the
+    first steered block's output, or the block before it for ``site="input"``."""
+    return int(min(layers)) - (1 if site == "input" else 0)
 
 
 def _checked_condition(condition: Condition, num_layers: int, width: int) -> Condition:
@@ -333,7 +339,7 @@ def resolve_stack(config: SteeringConfig, vector: SteeringVector, model: nn.Modu
             )
         r = dataclasses.replace(k.resolve(SteeringConfig(mode=mmode), m, model, layers_path, check_arch), kind=k.name)
         if condition is not None and r.kind == "activation":
-            first = min(r.layers) - (1 if r.site == "input" else 0)
+            first = first_steered(r.layers, r.site)
             if condition.layer > first:
                 raise ConfigError(
                     f"stack member {i} steers before the gate is read",

@@ -23,6 +23,7 @@ Task vectors are stored with the sign that restores: the harm vector is FINETUNE
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import random
 import time
@@ -316,67 +317,59 @@ def protect(
     reference = summarise(report_to_json(evaluate(ft, **ekw))["configs"][0]["metrics"])
     aligned_ref = summarise(report_to_json(evaluate(al, **ekw))["configs"][0]["metrics"])
     tb = TuneBounds(max_over_refusal=bounds.max_harmless, max_kl=1.0, max_degenerate=bounds.max_degenerate)
-    candidates: list[Candidate] = []
-    for name, vec, grid in kinds:
-        for gated in (False, True):
-            c = Candidate(name, vec.kind, gated)
-            candidates.append(c)
-            if time.perf_counter() - t0 > 60 * budget_minutes:
-                c.skipped = f"budget of {budget_minutes:g} min spent"
-                continue
-            t1 = time.perf_counter()
-            console.rule(f"[bold]tune: {c.label}")
-            work = copy.deepcopy(vec)
-            if vec.kind == "task":
-                modes = ("conditional",) if gated else ("per_request",)
-                if gated:
-                    work.meta["condition"], work.condition_direction = dict(gate), unit.clone()
-            else:
-                modes = ("conditional",) if gated else ("add",)
-                if gated and not work.condition:
-                    work.meta["condition"], work.condition_direction = (
-                        dict(refusal.condition),
-                        refusal.condition_direction,
-                    )
-            kw = {"layers": [work.recommended["layers"]]} if name == "SAE feature" else {}
-            try:
-                c.vector, summary = tune(
-                    ft, work, prompts.tune_h, prompts.tune_s, modes=modes, alphas=grid, auto=True, bounds=tb,
-                    judge=judge, max_new_tokens=max_new_tokens, progress=False, **kw,
-                )  # fmt: skip
-            except ConfigError as exc:  # e.g. no layer where a gate can be read before the steering
-                c.skipped = str(exc).splitlines()[0]
-                continue
-            c.tune = {k: summary[k] for k in ("best", "feasible", "n_configs")}
-            c.tune["best"] = {k: v for k, v in c.tune["best"].items() if k != "metrics"}
-            rep = report_to_json(evaluate(ft, vector=c.vector, **ekw))
-            c.heldout = summarise(rep["configs"][0]["metrics"])
-            c.violations = violations(c.heldout, reference, bounds, prompts.suite)
-            c.seconds = round(time.perf_counter() - t1, 1)
-            stem = name.replace(",", "").replace(" ", "-") + ("-gated" if gated else "")
-            c.vector.save(out / "candidates" / f"{stem}.safetensors")
+    deadline = t0 + 60 * budget_minutes
+
+    def tune_kind(name, vec, grid, gated):
+        work = copy.deepcopy(vec)
+        if vec.kind == "task":
+            modes = ("conditional",) if gated else ("per_request",)
+            if gated:
+                work.meta["condition"], work.condition_direction = dict(gate), unit.clone()
+        else:
+            modes = ("conditional",) if gated else ("add",)
+            if gated and not work.condition:
+                work.meta["condition"], work.condition_direction = dict(refusal.condition), refusal.condition_direction
+        kw = {"layers": [work.recommended["layers"]]} if name == "SAE feature" else {}
+        return tune(
+            ft, work, prompts.tune_h, prompts.tune_s, modes=modes, alphas=grid, auto=True, bounds=tb,
+            judge=judge, max_new_tokens=max_new_tokens, progress=False, **kw,
+        )  # fmt: skip
+
+    # (candidate, how it is tuned, file stem): every kind unconditional and gated, then the stack
+    jobs = [
+        (Candidate(name, vec.kind, gated), functools.partial(tune_kind, name, vec, grid, gated),
+         name.replace(",", "").replace(" ", "-") + ("-gated" if gated else ""))
+        for name, vec, grid in kinds
+        for gated in (False, True)
+    ]  # fmt: skip
     stack_of = next((v for n, v, _ in kinds if n == "harm vector, low-rank"), None)
-    c = Candidate("harm vector + refusal direction", "stack", True)
-    candidates.append(c)
-    if time.perf_counter() - t0 > 60 * budget_minutes:
-        c.skipped = f"budget of {budget_minutes:g} min spent"
-    else:
+    jobs.append(
+        (
+            Candidate("harm vector + refusal direction", "stack", True),
+            lambda: _tune_stack(ft, stack_of, refusal, gate, unit, prompts, tb, judge, max_new_tokens, deadline),
+            "harm-vector+refusal-direction-gated",
+        )
+    )
+    candidates: list[Candidate] = []
+    for c, run_tune, stem in jobs:
+        candidates.append(c)
+        if time.perf_counter() > deadline:
+            c.skipped = f"budget of {budget_minutes:g} min spent"
+            continue
         t1 = time.perf_counter()
         console.rule(f"[bold]tune: {c.label}")
         try:
-            deadline = t0 + 60 * budget_minutes
-            c.vector, summary = _tune_stack(
-                ft, stack_of, refusal, gate, unit, prompts, tb, judge, max_new_tokens, deadline
-            )
-        except ConfigError as exc:
+            c.vector, summary = run_tune()
+        except ConfigError as exc:  # e.g. no layer where a gate can be read before the steering
             c.skipped = str(exc).splitlines()[0]
-        else:
-            c.tune = {k: summary[k] for k in ("best", "feasible", "n_configs")}
-            c.tune["best"] = {k: v for k, v in c.tune["best"].items() if k != "metrics"}
-            c.heldout = summarise(report_to_json(evaluate(ft, vector=c.vector, **ekw))["configs"][0]["metrics"])
-            c.violations = violations(c.heldout, reference, bounds, prompts.suite)
-            c.seconds = round(time.perf_counter() - t1, 1)
-            c.vector.save(out / "candidates" / "harm-vector+refusal-direction-gated.safetensors")
+            continue
+        c.tune = {k: summary[k] for k in ("best", "feasible", "n_configs")}
+        c.tune["best"] = {k: v for k, v in c.tune["best"].items() if k != "metrics"}
+        rep = report_to_json(evaluate(ft, vector=c.vector, **ekw))
+        c.heldout = summarise(rep["configs"][0]["metrics"])
+        c.violations = violations(c.heldout, reference, bounds, prompts.suite)
+        c.seconds = round(time.perf_counter() - t1, 1)
+        c.vector.save(out / "candidates" / f"{stem}.safetensors")
     measured = [c for c in candidates if c.skipped is None]
     if not measured:
         raise ConfigError(
@@ -478,7 +471,12 @@ def _tune_stack(ft, tau, refusal, gate: dict, unit, prompts: Prompts, tb, judge,
     from .tune import Point, tune
 
     if tau is None:
-        raise ConfigError("no low-rank harm vector", expected="one", found="none", fix="-")
+        raise ConfigError(
+            "no low-rank harm vector to stack",
+            expected="the low-rank harm vector",
+            found="none",
+            fix="compute the pair's harm vector with a rank",
+        )
     answers = compliant_answers(ft, prompts.tune_h, judge=judge, max_new_tokens=max_new_tokens)  # before steering
     kw = dict(bounds=tb, judge=judge, max_new_tokens=max_new_tokens, progress=False, calibrate=False, auto=True)
     kw.update(prefill_lengths=TUNE_PREFILL, answers=answers)

@@ -43,6 +43,7 @@ from steer.errors import ConfigError
 from steer.evaluate import compliant_answers, evaluate, report_to_json
 from steer.judge import make_judge
 from steer.kinds import kind_for
+from steer.resolve import first_steered
 from steer.vector import SteeringVector
 
 from .condition import score_layer
@@ -327,20 +328,15 @@ def tune(
         grid = [check_alpha(a) for a in (alphas if alphas is not None else DEFAULT_ALPHAS.get(mode, GENERIC_ALPHAS))]
         for layer_set in layer_sets:
             work = copy.deepcopy(vector)
+            # the gate is decided before the first steered activation (any block for a gated task vector, whose
+            # gate pass reads it before the steered forward)
+            last = None if layer_set is None else first_steered(layer_set, vector.meta.get("site") or "output")
             if mode == "conditional" and not calibrate:  # the vector's own condition, as it is
                 _condition_layers(vector)
-                first = None if layer_set is None else int(min(layer_set)) - (vector.meta.get("site") == "input")
-                if first is not None and int(vector.condition["layer"]) > first:
+                if last is not None and int(vector.condition["layer"]) > last:
                     continue  # its gate is read after this layer's steering
-            elif mode == "conditional" and layer_set is None:  # a gated task vector: its gate pass reads any layer
-                work.meta["condition"], work.condition_direction = calibrate_condition(
-                    sm, vector, harmful, harmless, cache=acts_cache
-                )
             elif mode == "conditional":
-                # the gate is decided before the first steered activation: block min(layers)'s output, or the
-                # block before it for input-site vectors
-                last = int(min(layer_set)) - (1 if vector.meta.get("site") == "input" else 0)
-                if not any(l <= last for l in _condition_layers(vector)):
+                if last is not None and not any(l <= last for l in _condition_layers(vector)):
                     continue  # no direction to read a gate at before this layer's steering
                 work.meta["condition"], work.condition_direction = calibrate_condition(
                     sm, vector, harmful, harmless, max_layer=last, cache=acts_cache
